@@ -77,7 +77,9 @@ def procs() -> Iterator[Procs]:
     p.reap()
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     """Run ``zonemesh ARGS`` to completion and capture its output."""
     return subprocess.run(
         [sys.executable, "-m", "zonemesh.cli", *args],

@@ -22,7 +22,9 @@ from tests.conftest import Procs, TcpProxy, run_cli, wait_for
 
 
 def make_instance(service: str = "orders", zone: str = "a", port: int = 8080, **kw: object) -> Instance:
-    return Instance(id=new_instance_id(service), service=service, zone=zone, address="127.0.0.1", port=port, **kw)
+    return Instance(
+        id=new_instance_id(service), service=service, zone=zone, address="127.0.0.1", port=port, **kw
+    )
 
 
 def ids(catalog: Catalog, service: str) -> set[str]:
@@ -59,7 +61,9 @@ async def test_killed_process_leaves_within_ttl(settings: EtcdSettings, procs: P
 
 async def test_sigterm_deregisters_at_once(settings: EtcdSettings, procs: Procs) -> None:
     async with Catalog(settings) as catalog:
-        proc = procs.zonemesh("demo-service", "--service", "pay", "--zone", "a", "--ttl", "10", env=settings.env())
+        proc = procs.zonemesh(
+            "demo-service", "--service", "pay", "--zone", "a", "--ttl", "10", env=settings.env()
+        )
         await wait_for(lambda: catalog.snapshot.instances("pay", "a"), 15)
         proc.send_signal(signal.SIGTERM)
         took = await wait_for(lambda: not catalog.snapshot.instances("pay"), 1.5)
@@ -67,7 +71,9 @@ async def test_sigterm_deregisters_at_once(settings: EtcdSettings, procs: Procs)
         assert proc.wait(5) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
 
 
-async def test_expired_lease_is_replaced_by_a_new_registration(settings: EtcdSettings, etcd: EmbeddedEtcd) -> None:
+async def test_expired_lease_is_replaced_by_a_new_registration(
+    settings: EtcdSettings, etcd: EmbeddedEtcd
+) -> None:
     async with Catalog(settings) as catalog:
         async with HeartbeatClient(make_instance(), settings, ttl=3) as hb:
             first_lease = hb.lease_id
@@ -84,7 +90,9 @@ async def test_etcd_restart_client_and_catalog_recover(tmp_path) -> None:
     try:
         settings = EtcdSettings(endpoints=(server.endpoint,), prefix="/zonemesh")
         async with Catalog(settings) as catalog:
-            clients = [HeartbeatClient(make_instance("svc", port=9000 + n), settings, ttl=2) for n in range(3)]
+            clients = [
+                HeartbeatClient(make_instance("svc", port=9000 + n), settings, ttl=2) for n in range(3)
+            ]
             for c in clients:
                 assert await c.register()
             await wait_for(lambda: len(catalog.snapshot.instances("svc")) == 3, 3)
@@ -141,7 +149,9 @@ async def test_compacted_history_triggers_full_resync(settings: EtcdSettings, et
         await direct.close()
 
 
-async def test_broken_stream_resumes_without_losing_events(settings: EtcdSettings, etcd: EmbeddedEtcd) -> None:
+async def test_broken_stream_resumes_without_losing_events(
+    settings: EtcdSettings, etcd: EmbeddedEtcd
+) -> None:
     host, port = etcd.endpoint.split(":")
     proxy = TcpProxy(host, int(port))
     await proxy.up()
@@ -200,7 +210,9 @@ async def test_invalid_values_are_skipped_with_reasons(settings: EtcdSettings, e
         etcd.etcdctl("del", "--prefix", settings.prefix)
 
 
-async def test_bad_value_over_a_good_one_keeps_the_last_good(settings: EtcdSettings, etcd: EmbeddedEtcd) -> None:
+async def test_bad_value_over_a_good_one_keeps_the_last_good(
+    settings: EtcdSettings, etcd: EmbeddedEtcd
+) -> None:
     keys = Keys(settings.prefix)
     inst = make_instance()
     key = keys.instance("orders", "a", inst.id)
@@ -221,8 +233,12 @@ async def test_unreachable_etcd_never_raises_into_the_app(settings: EtcdSettings
     await hb.deregister()
 
 
-async def test_second_endpoint_is_used_when_the_first_is_down(settings: EtcdSettings, etcd: EmbeddedEtcd) -> None:
-    both = EtcdSettings(endpoints=(f"127.0.0.1:{free_port()}", etcd.endpoint), prefix=settings.prefix, timeout=0.5)
+async def test_second_endpoint_is_used_when_the_first_is_down(
+    settings: EtcdSettings, etcd: EmbeddedEtcd
+) -> None:
+    both = EtcdSettings(
+        endpoints=(f"127.0.0.1:{free_port()}", etcd.endpoint), prefix=settings.prefix, timeout=0.5
+    )
     async with Catalog(both) as catalog, HeartbeatClient(make_instance(), both, ttl=3) as hb:
         assert hb.registered
         await wait_for(lambda: catalog.snapshot.instances("orders"), 5)
@@ -305,7 +321,9 @@ async def test_status_cli_table_and_json(settings: EtcdSettings) -> None:
         header, row = table.stdout.splitlines()[:2]
         assert header.split()[:3] == ["SERVICE", "ZONE", "INSTANCE"]
         assert row.split()[:4] == ["shop", "b", inst.id, "127.0.0.1:8080"]
-        out = await asyncio.to_thread(run_cli, "status", "-o", "json", "--etcd", settings.endpoints[0], "--prefix", settings.prefix)
+        out = await asyncio.to_thread(
+            run_cli, "status", "-o", "json", "--etcd", settings.endpoints[0], "--prefix", settings.prefix
+        )
         data = json.loads(out.stdout)
         (row_json,) = data["services"]["shop"]["b"]
         assert row_json["id"] == inst.id and row_json["version"] == "v7"
@@ -338,7 +356,9 @@ def test_register_bad_flags_give_one_line_naming_the_flag(args: list[str], flag:
     base = {"--service": "svc", "--zone": "a", "--address": "127.0.0.1", "--port": "80"}
     for name, value in zip(args[::2], args[1::2], strict=True):
         base[name] = value
-    res = run_cli("register", *[x for kv in base.items() for x in kv], "--etcd", base.get("--etcd", "127.0.0.1:1"))
+    res = run_cli(
+        "register", *[x for kv in base.items() for x in kv], "--etcd", base.get("--etcd", "127.0.0.1:1")
+    )
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1, res.stderr

@@ -156,6 +156,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fall", type=_positive(int), default=3, help="failures before deregistering")
     p.set_defaults(func=_cmd_register)
 
+    p = sub.add_parser("gateway", parents=[etcd], help="run a zone gateway (the data plane)")
+    p.add_argument("--zone", required=True, type=_name("zone"))
+    p.add_argument("--listen", default="127.0.0.1:8080", help="proxy HOST:PORT")
+    p.add_argument("--admin", default="127.0.0.1:9901", help="admin HOST:PORT (health, metrics, views)")
+    p.add_argument("--advertise", help="address peers dial (default: the listen host)")
+    p.add_argument("--id", type=_instance_id, help="gateway id (default: unique per start)")
+    p.add_argument("--workers", type=_positive(int), default=1)
+    p.add_argument("--host-suffix", default=".mesh", help="Host: <service><suffix> routes to the service")
+    p.add_argument(
+        "--no-path-routing", dest="path_routing", action="store_false", help="disable /<service>/ routing"
+    )
+    p.add_argument(
+        "--no-strip-prefix", dest="strip_prefix", action="store_false", help="keep /<service> in the path"
+    )
+    p.add_argument(
+        "--balancer", choices=["least_request", "round_robin", "ring_hash"], default="least_request"
+    )
+    p.add_argument("--hash-header", default="x-session-id", help="header ring_hash hashes on")
+    p.add_argument("--connect-timeout", type=_positive(float), default=2.0)
+    p.add_argument(
+        "--request-timeout", type=_positive(float), default=15.0, help="until the response head (s)"
+    )
+    p.add_argument(
+        "--body-timeout", type=_positive(float), default=60.0, help="max body stall either way (s)"
+    )
+    p.add_argument(
+        "--header-timeout", type=_positive(float), default=10.0, help="to receive a request head (s)"
+    )
+    p.add_argument("--keepalive-timeout", type=_positive(int), default=75, help="client keep-alive idle (s)")
+    p.add_argument("--pool-idle-timeout", type=_positive(float), default=60.0)
+    p.add_argument("--max-connections", type=_positive(int), default=1024, help="per upstream endpoint")
+    p.add_argument("--max-pending", type=_positive(int), default=1024, help="queued requests per endpoint")
+    p.add_argument(
+        "--connect-retries", type=int, default=1, help="tries on another endpoint after connect failure"
+    )
+    p.add_argument("--max-header-bytes", type=_positive(int), default=64 * 1024)
+    p.add_argument("--max-body-bytes", type=_positive(int), help="request body limit (default: none)")
+    p.add_argument("--hc-interval", type=_positive(float), default=5.0)
+    p.add_argument("--hc-timeout", type=_positive(float), default=1.0)
+    p.add_argument("--hc-healthy", type=_positive(int), default=2)
+    p.add_argument("--hc-unhealthy", type=_positive(int), default=3)
+    p.add_argument("--outlier-consecutive", type=_positive(int), default=5)
+    p.add_argument("--outlier-base-ejection", type=_positive(float), default=30.0)
+    p.add_argument("--lease-ttl", type=_positive(int), default=10)
+    p.add_argument("--no-access-log", dest="access_log", action="store_false")
+    p.set_defaults(func=_cmd_gateway)
+
     p = sub.add_parser("up", help="run a local mesh: etcd, and the demo services")
     p.add_argument("--data-dir", default=".zonemesh", help="where etcd data and logs go")
     p.add_argument("--etcd-port", type=_port, default=2379, help="etcd client port (a free one if taken)")
@@ -319,6 +366,40 @@ def _pydantic_flag_error(exc: ValueError) -> str:
         field = str(err["loc"][0]).replace("_", "-") if err["loc"] else "value"
         return f"--{field}: {err['msg'].removeprefix('Value error, ')}"
     return str(exc)
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from gateway.config import GatewayConfig, parse_hostport
+    from gateway.server import configure_logging, serve
+
+    try:
+        listen = parse_hostport(args.listen, "--listen")
+        admin = parse_hostport(args.admin, "--admin")
+        config = GatewayConfig(
+            zone=args.zone, listen=listen, admin=admin, advertise=args.advertise, etcd=etcd_settings(args),
+            workers=args.workers, host_suffix=args.host_suffix, path_routing=args.path_routing,
+            strip_prefix=args.strip_prefix, balancer=args.balancer, hash_header=args.hash_header,
+            connect_timeout=args.connect_timeout, request_timeout=args.request_timeout,
+            body_timeout=args.body_timeout, header_timeout=args.header_timeout,
+            keepalive_timeout=args.keepalive_timeout, pool_idle_timeout=args.pool_idle_timeout,
+            max_connections=args.max_connections, max_pending=args.max_pending,
+            connect_retries=args.connect_retries, max_header_bytes=args.max_header_bytes,
+            max_body_bytes=args.max_body_bytes, hc_interval=args.hc_interval, hc_timeout=args.hc_timeout,
+            hc_healthy=args.hc_healthy, hc_unhealthy=args.hc_unhealthy,
+            outlier_consecutive=args.outlier_consecutive, outlier_base_ejection=args.outlier_base_ejection,
+            lease_ttl=args.lease_ttl, access_log=args.access_log,
+        )  # fmt: skip
+        if args.id:
+            config.gateway_id = args.id
+        config.advertised_address  # noqa: B018 - validates --advertise against --listen
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    configure_logging(args.log_level, args.access_log)
+    try:
+        serve(config)
+    except OSError as exc:
+        raise CliError(f"--listen/--admin: cannot bind: {exc.strerror or exc}") from None
+    return 0
 
 
 def _cmd_up(args: argparse.Namespace) -> int:

@@ -1,0 +1,67 @@
+"""Request metrics kept in plain dicts (cheap on the hot path) and rendered as Prometheus text."""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Counters by (service, zone, code class) and a latency histogram per service."""
+
+    def __init__(self) -> None:
+        self.requests: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        self.errors: defaultdict[str, int] = defaultdict(int)
+        self._hist: dict[str, list[int]] = {}
+        self._sum: defaultdict[str, float] = defaultdict(float)
+        self.gauges: dict[str, Callable[[], float]] = {}
+        self.counters: dict[str, Callable[[], float]] = {}
+
+    def observe(self, service: str, zone: str, status: int, seconds: float) -> None:
+        self.requests[(service, zone, f"{status // 100}xx")] += 1
+        hist = self._hist.get(service)
+        if hist is None:
+            hist = self._hist[service] = [0] * (len(BUCKETS) + 1)
+        hist[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self._sum[service] += seconds
+
+    def render(self) -> str:
+        out: list[str] = []
+        out += _header(
+            "zonemesh_requests_total", "counter", "Requests by upstream service, zone and status class"
+        )
+        for (service, zone, code), n in sorted(self.requests.items()):
+            out.append(
+                f'zonemesh_requests_total{{service="{_esc(service)}",zone="{zone}",code="{code}"}} {n}'
+            )
+        out += _header("zonemesh_errors_total", "counter", "Gateway-generated error responses by code")
+        for code, n in sorted(self.errors.items()):
+            out.append(f'zonemesh_errors_total{{error="{code}"}} {n}')
+        name = "zonemesh_request_duration_seconds"
+        out += _header(name, "histogram", "Time from request start to the last response byte")
+        for service, hist in sorted(self._hist.items()):
+            label = f'service="{_esc(service)}"'
+            acc = 0
+            for bound, count in zip(BUCKETS, hist, strict=False):
+                acc += count
+                out.append(f'{name}_bucket{{{label},le="{bound}"}} {acc}')
+            acc += hist[-1]
+            out.append(f'{name}_bucket{{{label},le="+Inf"}} {acc}')
+            out.append(f"{name}_sum{{{label}}} {self._sum[service]:.6f}")
+            out.append(f"{name}_count{{{label}}} {acc}")
+        for kind, items in (("counter", self.counters), ("gauge", self.gauges)):
+            for metric, fn in sorted(items.items()):
+                out += _header(metric, kind, metric.replace("_", " "))
+                out.append(f"{metric} {fn():g}")
+        return "\n".join(out) + "\n"
+
+
+def _header(name: str, kind: str, help_text: str) -> Iterable[str]:
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -1,0 +1,209 @@
+"""Runs a zone gateway: catalog, health checks, self-registration, the proxy and admin listeners."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+
+import uvicorn
+
+from gateway.admin import make_admin_app
+from gateway.cluster import ClusterSet
+from gateway.config import GatewayConfig
+from gateway.health import HealthChecker
+from gateway.listen import bind
+from gateway.metrics import Metrics
+from gateway.protocol import GatewayHttpProtocol
+from gateway.proxy import ProxyApp
+from gateway.upstream import PoolStats
+from registry.catalog import Catalog
+from registry.heartbeat import HeartbeatClient
+from registry.model import GatewayRecord
+
+log = logging.getLogger("zonemesh.gateway")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn server whose signals we handle ourselves (we run two servers in one loop)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Gateway:
+    """One gateway process. ``register`` is False in extra workers (one record per gateway, not per worker)."""
+
+    def __init__(self, config: GatewayConfig, register: bool = True, serve_admin: bool = True) -> None:
+        self.config = config
+        self.catalog = Catalog(config.etcd)
+        self.stats = PoolStats()
+        self.clusters = ClusterSet(config, self.stats)
+        self.metrics = Metrics()
+        self.app = ProxyApp(config, self.clusters, self.metrics)
+        self.health = HealthChecker(self.clusters, config.hc_interval, config.hc_timeout)
+        self.register = register
+        self.serve_admin = serve_admin
+        self.heartbeat: HeartbeatClient | None = None
+        self.port = config.listen[1]
+        self.admin_port = config.admin[1]
+        self._install_metrics()
+
+    def _install_metrics(self) -> None:
+        m, s, c = self.metrics, self.stats, self.catalog
+        m.counters.update(
+            {
+                "zonemesh_upstream_connects_total": lambda: s.connects,
+                "zonemesh_upstream_reused_total": lambda: s.reused,
+                "zonemesh_upstream_connect_failures_total": lambda: s.connect_failures,
+                "zonemesh_outlier_ejections_total": lambda: self.clusters.ejections_total,
+            }
+        )
+        m.gauges.update(
+            {
+                "zonemesh_catalog_revision": lambda: c.mirror.revision,
+                "zonemesh_catalog_instances": lambda: c.snapshot.instance_count,
+                "zonemesh_catalog_services": lambda: len(c.snapshot.services),
+                "zonemesh_catalog_gateways": lambda: sum(len(g) for g in c.snapshot.gateways.values()),
+                "zonemesh_catalog_stale": lambda: 1.0 if c.stale else 0.0,
+                "zonemesh_catalog_rejected_keys": lambda: len(c.rejected),
+            }
+        )
+
+    async def run(
+        self,
+        stop: asyncio.Event,
+        proxy_sock: socket.socket | None = None,
+        admin_sock: socket.socket | None = None,
+    ) -> None:
+        cfg = self.config
+        proxy_sock = proxy_sock or bind(*cfg.listen)
+        self.port = proxy_sock.getsockname()[1]
+        if self.serve_admin:
+            admin_sock = admin_sock or bind(*cfg.admin)
+            self.admin_port = admin_sock.getsockname()[1]
+        self.catalog.subscribe(self.clusters.update)
+        await self.catalog.start()
+        self.health.start()
+        if self.register:
+            record = GatewayRecord(
+                id=cfg.gateway_id, zone=cfg.zone, address=cfg.advertised_address, port=self.port,
+                admin_port=self.admin_port if self.serve_admin else None, version=_version(),
+            )  # fmt: skip
+            self.heartbeat = HeartbeatClient(record, cfg.etcd, ttl=cfg.lease_ttl)
+            await self.heartbeat.register(wait=0.5)
+        proxy = _Server(
+            uvicorn.Config(
+                self.app,
+                http=GatewayHttpProtocol.configured(cfg.max_header_bytes, cfg.header_timeout),
+                ws="websockets-sansio",
+                loop="none",
+                lifespan="off",
+                access_log=False,
+                server_header=False,
+                date_header=False,
+                proxy_headers=False,
+                timeout_keep_alive=cfg.keepalive_timeout,
+                log_level="warning",
+                ws_max_size=64 * 1024 * 1024,
+            )
+        )
+        servers = [proxy]
+        tasks = [asyncio.ensure_future(proxy.serve(sockets=[proxy_sock]))]
+        if self.serve_admin:
+            admin = _Server(
+                uvicorn.Config(
+                    make_admin_app(self), loop="none", lifespan="off", access_log=False, log_level="warning"
+                )
+            )
+            servers.append(admin)
+            tasks.append(asyncio.ensure_future(admin.serve(sockets=[admin_sock])))
+        evictor = asyncio.ensure_future(self._evict_idle())
+        log.info("gateway %s zone %s listening on %s:%d (admin %s)", cfg.gateway_id, cfg.zone, cfg.listen[0],
+                 self.port, self.admin_port if self.serve_admin else "-")  # fmt: skip
+        try:
+            done, _ = await asyncio.wait(
+                [asyncio.ensure_future(stop.wait()), *tasks], return_when="FIRST_COMPLETED"
+            )
+        finally:
+            # Leave the mesh first so peers stop sending, then drain in-flight requests.
+            if self.heartbeat is not None:
+                await self.heartbeat.deregister()
+            for server in servers:
+                server.should_exit = True
+            await asyncio.gather(*tasks, return_exceptions=True)
+            evictor.cancel()
+            await self.health.stop()
+            await self.catalog.stop()
+            self.clusters.close()
+
+    async def _evict_idle(self) -> None:
+        while True:
+            await asyncio.sleep(max(1.0, self.config.pool_idle_timeout / 4))
+            self.clusters.evict_idle()
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("zonemesh")
+    except Exception:  # noqa: BLE001
+        return "dev"
+
+
+def serve(config: GatewayConfig) -> None:
+    """Run the gateway until SIGINT/SIGTERM, with ``config.workers`` processes sharing the listening socket."""
+    import uvloop
+
+    proxy_sock = bind(*config.listen)
+    admin_sock = bind(*config.admin)
+    if config.workers == 1:
+        uvloop.run(_main(Gateway(config), proxy_sock, admin_sock))
+        return
+    children: list[int] = []
+    for index in range(1, config.workers):
+        pid = os.fork()
+        if pid == 0:
+            admin_sock.close()
+            code = 0
+            try:
+                uvloop.run(_main(Gateway(config, register=False, serve_admin=False), proxy_sock, None))
+            except BaseException:  # noqa: BLE001
+                log.exception("worker %d failed", index)
+                code = 1
+            os._exit(code)
+        children.append(pid)
+    try:
+        uvloop.run(_main(Gateway(config), proxy_sock, admin_sock))
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+async def _main(gw: Gateway, proxy_sock: socket.socket, admin_sock: socket.socket | None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await gw.run(stop, proxy_sock, admin_sock)
+
+
+def configure_logging(level: str, access_log: bool) -> None:
+    """Logs to stderr; the access log (one JSON object per line) to stdout."""
+    access = logging.getLogger("zonemesh.access")
+    access.propagate = False
+    access.setLevel(logging.INFO if access_log else logging.WARNING)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)

@@ -1,0 +1,417 @@
+"""The upstream HTTP/1.1 client: an asyncio Protocol + httptools parser per connection, pooled per address.
+
+One connection carries one exchange at a time. Bodies stream both ways with backpressure: writes wait for
+the socket to drain, and reading pauses while the consumer (the client side) has not taken what we have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+import time
+from collections.abc import Iterable
+
+import httptools
+
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+
+
+class UpstreamError(Exception):
+    """An exchange with an upstream failed; ``code`` is the client-facing error code."""
+
+    code = "upstream_reset"
+    status = 502
+
+
+class ConnectFailed(UpstreamError):
+    code = "upstream_connect_failed"
+
+
+class UpstreamReset(UpstreamError):
+    code = "upstream_reset"
+
+
+class UpstreamTimeout(UpstreamError):
+    code = "upstream_timeout"
+    status = 504
+
+
+class PoolExhausted(UpstreamError):
+    code = "circuit_open"
+    status = 503
+
+
+class Connection(asyncio.Protocol):
+    """One upstream connection. Use: ``send_head`` -> ``write``* -> ``end`` -> ``read_head`` -> ``read``*."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.uses = 0
+        self.idle_since = time.monotonic()
+        self._loop = asyncio.get_running_loop()
+        self._parser: httptools.HttpResponseParser | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._head: asyncio.Future[tuple[int, list[tuple[bytes, bytes]]]] | None = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._complete = False
+        self._error: UpstreamError | None = None
+        self._reading_paused = False
+        self._head_request = False
+        self._until_close = False
+        self.keep_alive = False
+        self.upgraded = False
+
+    # --- asyncio.Protocol -------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def data_received(self, data: bytes) -> None:
+        if self._parser is None:
+            # Bytes from an idle upstream: it is not speaking HTTP/1.1 as we expect. Never reuse it.
+            self.close()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamReset(f"invalid HTTP response from upstream: {exc}"))
+            self.close()
+
+    def eof_received(self) -> bool | None:
+        if self._until_close and self._head is not None and self._head.done():
+            self.keep_alive = False
+            self._finish()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._until_close and self._head is not None and self._head.done() and exc is None:
+            self.keep_alive = False
+            self._finish()
+        elif self._parser is not None and not self._complete:
+            self._fail(UpstreamReset("upstream closed the connection" + (f": {exc}" if exc else "")))
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        self.pool._forget(self)
+
+    def pause_writing(self) -> None:
+        if self._drain is None or self._drain.done():
+            self._drain = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # --- httptools callbacks ----------------------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        assert parser is not None
+        status = parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._headers = []  # an interim response (e.g. 103): skip it, the real one follows
+            return
+        self.keep_alive = parser.should_keep_alive()
+        chunked = content_length = False
+        for name, value in self._headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                content_length = True
+            elif lname == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+        self._until_close = (
+            not chunked
+            and not content_length
+            and status not in (204, 304)
+            and not self._head_request
+            and status != 101
+        )
+        if self._head is not None and not self._head.done():
+            self._head.set_result((status, self._headers))
+        if self._head_request or status == 101:
+            # No body follows (HEAD) or the protocol changes (101): the exchange ends with the head. The parser
+            # may still expect a body, so it is dropped; the next exchange gets a fresh one.
+            self.upgraded = status == 101
+            self._parser = None
+            self._finish()
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > HIGH_WATER and not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self._head is not None and not self._head.done():
+            return  # end of an interim 1xx response
+        self._finish()
+
+    # --- internal ---------------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _finish(self) -> None:
+        self._complete = True
+        self._wake()
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self._error is None:
+            self._error = error
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(error)
+            self._head.exception()  # mark retrieved; the reader gets it from read_head
+        self._wake()
+
+    # --- the exchange -----------------------------------------------------------------------------------
+    def send_head(self, head: bytes, is_head_request: bool) -> None:
+        """Start an exchange by writing the request line and headers."""
+        self.uses += 1
+        self._parser = httptools.HttpResponseParser(self)
+        self._head = self._loop.create_future()
+        self._headers = []
+        self._chunks.clear()
+        self._buffered = 0
+        self._complete = False
+        self._error = None
+        self._head_request = is_head_request
+        self._until_close = False
+        self.keep_alive = False
+        if self.closed or self.transport is None:
+            raise UpstreamReset("upstream connection already closed")
+        self.transport.write(head)
+
+    async def write(self, data: bytes) -> None:
+        """Write request body bytes, waiting while the socket buffer is full."""
+        if self._error is not None:
+            raise self._error
+        if self.closed or self.transport is None:
+            raise UpstreamReset("upstream closed the connection while we were sending the body")
+        self.transport.write(data)
+        if self._drain is not None and not self._drain.done():
+            await self._drain
+
+    async def read_head(self, timeout: float | None) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """Wait for the response status and headers."""
+        assert self._head is not None
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._head), timeout)
+        except TimeoutError:
+            raise UpstreamTimeout(f"no response head within {timeout}s") from None
+
+    @property
+    def response_started(self) -> bool:
+        return self._head is not None and self._head.done()
+
+    async def read(self, timeout: float | None) -> bytes | None:
+        """The next body chunk, or None at the end of the body."""
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self._buffered -= len(chunk)
+                if self._reading_paused and self._buffered < LOW_WATER and self.transport is not None:
+                    self._reading_paused = False
+                    self.transport.resume_reading()
+                return chunk
+            if self._complete:
+                return None
+            if self._error is not None:
+                raise self._error
+            self._waiter = self._loop.create_future()
+            try:
+                await asyncio.wait_for(self._waiter, timeout)
+            except TimeoutError:
+                raise UpstreamTimeout(f"upstream body stalled for {timeout}s") from None
+            finally:
+                self._waiter = None
+
+    @property
+    def reusable(self) -> bool:
+        return (
+            self._complete
+            and self.keep_alive
+            and not self.closed
+            and not self.upgraded
+            and self._error is None
+        )
+
+    def done(self) -> None:
+        """End the exchange: back to the pool when reusable, else closed."""
+        self._parser = None
+        self._head = None
+        if (
+            self._complete
+            and self.keep_alive
+            and not self.closed
+            and not self.upgraded
+            and self._error is None
+        ):
+            self.pool.release(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+        self.pool._forget(self)
+
+
+class Pool:
+    """Keep-alive connections to one upstream address, at most ``max_connections`` open at once."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        max_connections: int = 1024,
+        max_pending: int = 1024,
+        connect_timeout: float = 2.0,
+        idle_timeout: float = 60.0,
+        stats: PoolStats | None = None,
+    ) -> None:
+        self.host, self.port = host, port
+        self.max_connections = max_connections
+        self.max_pending = max_pending
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.stats = stats or PoolStats()
+        self._idle: collections.deque[Connection] = collections.deque()
+        self._open: set[Connection] = set()
+        self._waiters: collections.deque[asyncio.Future[Connection | None]] = collections.deque()
+        self.closed = False
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
+
+    async def acquire(self) -> tuple[Connection, bool]:
+        """A connection for one exchange and whether it was reused from the pool."""
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()  # most recently used first: warmest connection, lets old ones idle out
+            if not conn.closed and now - conn.idle_since < self.idle_timeout:
+                self.stats.reused += 1
+                return conn, True
+            conn.close()
+        if self.closed:
+            raise ConnectFailed(f"{self.host}:{self.port} is no longer a known upstream")
+        if len(self._open) >= self.max_connections:
+            if len(self._waiters) >= self.max_pending:
+                raise PoolExhausted(
+                    f"{self.host}:{self.port}: {len(self._open)} connections and the queue is full"
+                )
+            fut: asyncio.Future[Connection | None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                conn = await asyncio.wait_for(fut, self.connect_timeout)
+            except TimeoutError:
+                raise PoolExhausted(
+                    f"{self.host}:{self.port}: no connection free within {self.connect_timeout}s"
+                ) from None
+            finally:
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+            if conn is not None:
+                self.stats.reused += 1
+                return conn, True
+            # A slot opened up (a connection closed): fall through and connect.
+        return await self._connect(), False
+
+    async def _connect(self) -> Connection:
+        loop = asyncio.get_running_loop()
+        conn = Connection(self)
+        self._open.add(conn)
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: conn, self.host, self.port), self.connect_timeout
+            )
+        except TimeoutError:
+            self._forget(conn)
+            self.stats.connect_failures += 1
+            raise ConnectFailed(
+                f"connect to {self.host}:{self.port} timed out after {self.connect_timeout}s"
+            ) from None
+        except OSError as exc:
+            self._forget(conn)
+            self.stats.connect_failures += 1
+            raise ConnectFailed(f"connect to {self.host}:{self.port} failed: {exc.strerror or exc}") from None
+        self.stats.connects += 1
+        return conn
+
+    def release(self, conn: Connection) -> None:
+        if self.closed or conn.closed:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(conn)
+                return
+        self._idle.append(conn)
+
+    def _forget(self, conn: Connection) -> None:
+        if conn in self._open:
+            self._open.discard(conn)
+            try:
+                self._idle.remove(conn)
+            except ValueError:
+                pass
+            while self._waiters:  # a slot is free: let one waiter connect
+                fut = self._waiters.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+                    break
+
+    def evict_idle(self) -> int:
+        """Close connections idle longer than ``idle_timeout``; returns how many."""
+        now = time.monotonic()
+        stale = [c for c in self._idle if now - c.idle_since >= self.idle_timeout or c.closed]
+        for conn in stale:
+            conn.close()
+        return len(stale)
+
+    def close(self) -> None:
+        """Stop handing out connections; close the idle ones (in-flight exchanges finish, then close)."""
+        self.closed = True
+        for conn in list(self._idle):
+            conn.close()
+
+
+class PoolStats:
+    """Counters shared by all pools of a gateway."""
+
+    __slots__ = ("connects", "reused", "connect_failures")
+
+    def __init__(self) -> None:
+        self.connects = 0
+        self.reused = 0
+        self.connect_failures = 0
+
+
+def build_head(method: str, target: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """The request line and header block."""
+    parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        parts += [name, b": ", value, b"\r\n"]
+    parts.append(b"\r\n")
+    return b"".join(parts)
