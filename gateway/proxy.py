@@ -30,10 +30,13 @@ HOP_BY_HOP = frozenset(
         b"te", b"trailer", b"transfer-encoding", b"upgrade", b"expect", b"http2-settings",
     }
 )  # fmt: skip
+# Request headers we never copy as they come: hop-by-hop ones, and those we set ourselves.
+_REQUEST_SKIP = HOP_BY_HOP | {b"content-length", b"x-request-id", b"x-forwarded-for", b"via"}
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 HOP_HEADER = b"x-zonemesh-hop"
 ZONE_HEADER = b"x-zonemesh-zone"
 REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
-_WS_SKIP = HOP_BY_HOP | {b"host", b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
+_WS_SKIP = HOP_BY_HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
                          b"sec-websocket-protocol"}  # fmt: skip
 _STREAM_WATCH_AFTER = 16  # chunks: start watching for a client disconnect on long responses
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -160,12 +163,13 @@ class ProxyApp:
         # Outgoing headers: everything but hop-by-hop (and what Connection names), plus forwarding headers.
         client = scope.get("client")
         client_ip = client[0] if client else ""
-        trusted = client_ip in self.clusters.gateway_hosts
-        skip = HOP_BY_HOP | conn_tokens if conn_tokens else HOP_BY_HOP
+        # Forwarding headers are kept only from a peer gateway (a hop from a known gateway address).
+        trusted = hopped and client_ip in self.clusters.gateway_hosts
+        skip = _REQUEST_SKIP | conn_tokens if conn_tokens else _REQUEST_SKIP
         out: list[tuple[bytes, bytes]] = []
         via = self.via
         for name, value in scope["headers"]:
-            if name in skip or name == b"x-request-id" or name == b"x-forwarded-for" or name == b"via":
+            if name in skip:
                 if name == b"via":
                     via = value + b", " + self.via
                 continue
@@ -229,6 +233,11 @@ class ProxyApp:
                     if reused and not body_started:
                         continue  # a kept-alive connection the upstream had closed: retry on a fresh one
                     self.clusters.report(ep, False)
+                    if not body_started and method in IDEMPOTENT and connect_retries > 0:
+                        connect_retries -= 1  # nothing of the request is lost: try another endpoint
+                        tried.append(ep)
+                        last_error = exc
+                        continue
                     return await self.error(send, scope, start, rid, 502, exc.code, str(exc), service)
                 except UpstreamError as exc:
                     conn.close()

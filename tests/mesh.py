@@ -1,0 +1,232 @@
+"""Test helpers for the data plane: real upstream servers and real gateway processes on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+
+import aiohttp
+from aiohttp import web
+
+from registry.embedded_etcd import free_port
+from registry.etcd import EtcdSettings
+from registry.heartbeat import HeartbeatClient
+from registry.model import Instance, new_instance_id
+from tests.conftest import Procs
+
+
+class Upstream:
+    """A real HTTP server (aiohttp) with the behaviours the proxy tests need."""
+
+    def __init__(self, name: str = "up") -> None:
+        self.name = name
+        self.port = 0
+        self.healthy = True
+        self.hits = 0
+        self.runner: web.AppRunner | None = None
+        self.heartbeats: list[HeartbeatClient] = []
+
+    async def start(self) -> Upstream:
+        app = web.Application(client_max_size=0)
+        r = app.router
+        r.add_route("*", "/echo{tail:.*}", self.echo)
+        r.add_get("/bytes/{n}", self.stream_bytes)
+        r.add_get("/sized/{n}", self.sized)
+        r.add_post("/upload", self.upload)
+        r.add_get("/slow/{s}", self.slow)
+        r.add_route("*", "/status/{code}", self.status)
+        r.add_get("/ws", self.ws)
+        r.add_get("/health", self.health)
+        r.add_get("/close", self.close)
+        r.add_get("/reset", self.reset)
+        r.add_get("/midreset", self.midreset)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        self.port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def register(
+        self,
+        settings: EtcdSettings,
+        service: str,
+        zone: str,
+        health_path: str | None = None,
+        ttl: int = 5,
+        **kw,
+    ) -> HeartbeatClient:
+        inst = Instance(
+            id=new_instance_id(service), service=service, zone=zone, address="127.0.0.1", port=self.port,
+            health_path=health_path, **kw,
+        )  # fmt: skip
+        hb = HeartbeatClient(inst, settings, ttl=ttl)
+        assert await hb.register()
+        self.heartbeats.append(hb)
+        return hb
+
+    async def stop(self) -> None:
+        for hb in self.heartbeats:
+            await hb.deregister()
+        if self.runner:
+            await self.runner.cleanup()
+
+    async def echo(self, request: web.Request) -> web.Response:
+        self.hits += 1
+        body = await request.read()
+        return web.json_response(
+            {
+                "upstream": self.name,
+                "method": request.method,
+                "path": request.raw_path,
+                "headers": [[k.decode().lower(), v.decode()] for k, v in request.raw_headers],
+                "body_len": len(body),
+            }
+        )
+
+    async def stream_bytes(self, request: web.Request) -> web.StreamResponse:
+        n = int(request.match_info["n"])
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        chunk = b"x" * 65536
+        sent = 0
+        while sent < n:
+            part = chunk[: min(len(chunk), n - sent)]
+            await resp.write(part)
+            sent += len(part)
+        await resp.write_eof()
+        return resp
+
+    async def sized(self, request: web.Request) -> web.Response:
+        return web.Response(body=b"y" * int(request.match_info["n"]))
+
+    async def upload(self, request: web.Request) -> web.Response:
+        digest = hashlib.sha256()
+        total = 0
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            total += len(chunk)
+        return web.json_response({"received": total, "sha256": digest.hexdigest()})
+
+    async def slow(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.match_info["s"]))
+        return web.Response(text="slow")
+
+    async def status(self, request: web.Request) -> web.Response:
+        self.hits += 1
+        code = int(request.match_info["code"])
+        if code in (204, 304):
+            return web.Response(status=code)
+        return web.Response(status=code, text=f"status {code} from {self.name}")
+
+    async def ws(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(protocols=("echo.v1",))
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                if msg.data == "close":
+                    await ws.close(code=4001, message=b"asked")
+                    break
+                await ws.send_str(f"{self.name}:{msg.data}")
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(msg.data[::-1])
+        return ws
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.healthy else 503, text="health")
+
+    async def close(self, request: web.Request) -> web.Response:
+        resp = web.Response(text="bye")
+        resp.force_close()
+        return resp
+
+    async def reset(self, request: web.Request) -> web.Response:
+        request.transport.abort()  # type: ignore[union-attr]
+        await asyncio.sleep(1)
+        return web.Response(text="never")
+
+    async def midreset(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-length": "1000000"})
+        await resp.prepare(request)
+        await resp.write(b"z" * 1000)
+        await asyncio.sleep(0.05)
+        request.transport.abort()  # type: ignore[union-attr]
+        return resp
+
+
+class GatewayProc:
+    """A real ``zonemesh gateway`` process."""
+
+    def __init__(self, procs: Procs, settings: EtcdSettings, zone: str, *extra: str) -> None:
+        self.zone = zone
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.proc = procs.zonemesh(
+            "gateway", "--zone", zone, "--listen", f"127.0.0.1:{self.port}", "--admin",
+            f"127.0.0.1:{self.admin_port}", "--no-access-log", *extra, env=settings.env(),
+        )  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    async def ready(self, timeout: float = 20) -> GatewayProc:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as s:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    out = self.proc.stdout.read().decode() if self.proc.stdout else ""
+                    raise AssertionError(f"gateway exited {self.proc.returncode}: {out}")
+                try:
+                    async with s.get(f"{self.admin}/readyz") as r:
+                        if r.status == 200:
+                            return self
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise AssertionError("gateway not ready in time")
+
+    async def catalog(self) -> dict:
+        async with aiohttp.ClientSession() as s, s.get(f"{self.admin}/v1/catalog") as r:
+            return await r.json()
+
+    async def knows(self, service: str, count: int, zone: str | None = None) -> bool:
+        data = await self.catalog()
+        zones = data["services"].get(service, {})
+        if zone is not None:
+            return len(zones.get(zone, [])) == count
+        return sum(len(v) for v in zones.values()) == count
+
+    def rss_kb(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+
+async def raw_request(port: int, data: bytes, read_timeout: float = 5.0) -> bytes:
+    """Send raw bytes on a fresh connection and return everything read until the server closes or times out."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    out = b""
+    try:
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), read_timeout)
+            if not chunk:
+                break
+            out += chunk
+    except (TimeoutError, ConnectionError):
+        pass
+    writer.close()
+    return out
+
+
+def parse_json_body(raw: bytes) -> dict:
+    return json.loads(raw.split(b"\r\n\r\n", 1)[1])
