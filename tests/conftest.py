@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -43,22 +45,32 @@ async def wait_for(predicate: Callable[[], object], timeout: float = 5.0, interv
 
 
 class Procs:
-    """Spawns child processes and makes sure none outlives the test."""
+    """Spawns child processes (output to a file each, never a pipe that could fill) and reaps them all."""
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: dict[int, str] = {}
+        self.dir = tempfile.mkdtemp(prefix="zonemesh-procs-")
 
     def spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            list(args),
-            env={**os.environ, **(env or {})},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        path = os.path.join(self.dir, f"{len(self.procs)}.log")
+        with open(path, "wb") as log:
+            proc = subprocess.Popen(
+                list(args),
+                env={**os.environ, **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.procs.append(proc)
+        self.logs[proc.pid] = path
         return proc
+
+    def output(self, proc: subprocess.Popen[bytes]) -> str:
+        """Everything the process wrote so far (stdout and stderr)."""
+        with open(self.logs[proc.pid], "rb") as fh:
+            return fh.read().decode(errors="replace")
 
     def zonemesh(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         return self.spawn(sys.executable, "-m", "zonemesh.cli", *args, env=env)
@@ -68,6 +80,7 @@ class Procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture

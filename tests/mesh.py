@@ -158,13 +158,17 @@ class Upstream:
 class GatewayProc:
     """A real ``zonemesh gateway`` process."""
 
-    def __init__(self, procs: Procs, settings: EtcdSettings, zone: str, *extra: str) -> None:
+    def __init__(
+        self, procs: Procs, settings: EtcdSettings, zone: str, *extra: str, access_log: bool = False
+    ) -> None:
         self.zone = zone
+        self.procs = procs
         self.port = free_port()
         self.admin_port = free_port()
+        log_flag = () if access_log else ("--no-access-log",)
         self.proc = procs.zonemesh(
             "gateway", "--zone", zone, "--listen", f"127.0.0.1:{self.port}", "--admin",
-            f"127.0.0.1:{self.admin_port}", "--no-access-log", *extra, env=settings.env(),
+            f"127.0.0.1:{self.admin_port}", *log_flag, *extra, env=settings.env(),
         )  # fmt: skip
 
     @property
@@ -180,7 +184,7 @@ class GatewayProc:
         async with aiohttp.ClientSession() as s:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    out = self.proc.stdout.read().decode() if self.proc.stdout else ""
+                    out = self.procs.output(self.proc)[-3000:]
                     raise AssertionError(f"gateway exited {self.proc.returncode}: {out}")
                 try:
                     async with s.get(f"{self.admin}/readyz") as r:

@@ -505,3 +505,37 @@ async def wait_for_async(fn, expected, timeout: float = 5, check=None) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"expected {expected!r}, last saw {last!r}")
+
+
+async def test_etcd_outage_keeps_traffic_flowing_and_access_log_is_json(tmp_path, procs: Procs) -> None:
+    server = EmbeddedEtcd(tmp_path / "etcd")
+    server.start()
+    settings = EtcdSettings(endpoints=(server.endpoint,))
+    up = await Upstream("steady").start()
+    try:
+        gw = GatewayProc(procs, settings, "a", access_log=True)
+        await gw.ready()
+        await up.register(settings, "steady", "a", ttl=3)
+        await wait_for_known(gw, "steady", 1)
+        server.stop(kill=True)
+        await wait_for_async(lambda: gw.catalog(), None, 5, check=lambda d: d["stale"])
+        await asyncio.sleep(3.5)  # past every lease TTL: without etcd, the last snapshot stays in force
+        for _ in range(5):
+            status, headers, _ = await get(
+                f"{gw.url}/echo", host="steady.mesh", headers={"x-request-id": "outage-1"}
+            )
+            assert status == 200
+        async with aiohttp.ClientSession() as s, s.get(f"{gw.admin}/readyz") as r:
+            assert r.status == 200 and (await r.json())["stale"] is True
+        server.start()
+        await wait_for_async(lambda: gw.catalog(), None, 10, check=lambda d: not d["stale"])
+    finally:
+        server.cleanup()
+        await up.stop()
+    gw.proc.send_signal(signal.SIGTERM)
+    gw.proc.wait(10)
+    entries = [json.loads(line) for line in procs.output(gw.proc).splitlines() if line.startswith("{")]
+    hits = [e for e in entries if e["request_id"] == "outage-1"]
+    assert len(hits) == 5
+    assert hits[0]["status"] == 200 and hits[0]["service"] == "steady" and hits[0]["upstream_zone"] == "a"
+    assert hits[0]["method"] == "GET" and hits[0]["duration_ms"] > 0
