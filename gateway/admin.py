@@ -14,6 +14,15 @@ if TYPE_CHECKING:
     from gateway.server import Gateway
 
 
+def make_worker_stats_app(gw: Gateway) -> Starlette:
+    """What an extra worker serves on its private unix socket: its metrics, for worker 0 to merge."""
+
+    async def export(_: Request) -> JSONResponse:
+        return JSONResponse(gw.metrics.export())
+
+    return Starlette(routes=[Route("/metrics.json", export)])
+
+
 def make_admin_app(gw: Gateway) -> Starlette:
     async def healthz(_: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "zone": gw.config.zone, "gateway_id": gw.config.gateway_id})
@@ -28,7 +37,8 @@ def make_admin_app(gw: Gateway) -> Starlette:
         )
 
     async def metrics(_: Request) -> PlainTextResponse:
-        return PlainTextResponse(gw.metrics.render(), media_type="text/plain; version=0.0.4")
+        merged = gw.metrics.merged(await gw.worker_metrics()) if gw.worker_sockets else gw.metrics
+        return PlainTextResponse(merged.render(), media_type="text/plain; version=0.0.4")
 
     async def catalog(_: Request) -> JSONResponse:
         now = time.monotonic()

@@ -28,6 +28,37 @@ class Metrics:
         hist[bisect.bisect_left(BUCKETS, seconds)] += 1
         self._sum[service] += seconds
 
+    def export(self) -> dict:
+        """A JSON-able copy of the counters (for merging the workers of one gateway)."""
+        return {
+            "requests": [[*k, v] for k, v in self.requests.items()],
+            "errors": dict(self.errors),
+            "hist": {k: list(v) for k, v in self._hist.items()},
+            "sum": dict(self._sum),
+            "counters": {k: fn() for k, fn in self.counters.items()},
+        }
+
+    def merged(self, others: list[dict]) -> Metrics:
+        """These metrics plus other workers' exports; gauges (shared state such as the catalog) stay ours."""
+        out = Metrics()
+        out.gauges = self.gauges
+        for data in [self.export(), *others]:
+            for service, zone, code, n in data["requests"]:
+                out.requests[(service, zone, code)] += n
+            for code, n in data["errors"].items():
+                out.errors[code] += n
+            for service, counts in data["hist"].items():
+                hist = out._hist.setdefault(service, [0] * (len(BUCKETS) + 1))
+                for i, n in enumerate(counts):
+                    hist[i] += n
+            for service, total in data["sum"].items():
+                out._sum[service] += total
+            for name, value in data["counters"].items():
+                prev = out.counters.get(name)
+                base = prev() if prev else 0
+                out.counters[name] = lambda v=base + value: v
+        return out
+
     def render(self) -> str:
         out: list[str] = []
         out += _header(

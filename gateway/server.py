@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from gateway.admin import make_admin_app
+from gateway.admin import make_admin_app, make_worker_stats_app
 from gateway.cluster import ClusterSet
 from gateway.config import GatewayConfig
 from gateway.health import HealthChecker
@@ -40,8 +40,17 @@ class _Server(uvicorn.Server):
 class Gateway:
     """One gateway process. ``register`` is False in extra workers (one record per gateway, not per worker)."""
 
-    def __init__(self, config: GatewayConfig, register: bool = True, serve_admin: bool = True) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        register: bool = True,
+        serve_admin: bool = True,
+        stats_socket: str | None = None,
+        worker_sockets: tuple[str, ...] = (),
+    ) -> None:
         self.config = config
+        self.stats_socket = stats_socket  # extra workers: where we export metrics for worker 0
+        self.worker_sockets = worker_sockets  # worker 0: the other workers' stats sockets
         self.catalog = Catalog(config.etcd)
         self.stats = PoolStats()
         self.clusters = ClusterSet(config, self.stats)
@@ -124,6 +133,15 @@ class Gateway:
             )
             servers.append(admin)
             tasks.append(asyncio.ensure_future(admin.serve(sockets=[admin_sock])))
+        if self.stats_socket:
+            stats = _Server(
+                uvicorn.Config(
+                    make_worker_stats_app(self), uds=self.stats_socket, loop="none", lifespan="off",
+                    access_log=False, log_level="warning",
+                )
+            )  # fmt: skip
+            servers.append(stats)
+            tasks.append(asyncio.ensure_future(stats.serve()))
         evictor = asyncio.ensure_future(self._evict_idle())
         log.info("gateway %s zone %s listening on %s:%d (admin %s)", cfg.gateway_id, cfg.zone, cfg.listen[0],
                  self.port, self.admin_port if self.serve_admin else "-")  # fmt: skip
@@ -142,6 +160,24 @@ class Gateway:
             await self.health.stop()
             await self.catalog.stop()
             self.clusters.close()
+
+    async def worker_metrics(self) -> list[dict]:
+        """Metrics exported by the other workers of this gateway (a worker that does not answer is skipped)."""
+        import aiohttp
+
+        async def one(path: str) -> dict | None:
+            try:
+                async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=path)) as session:
+                    async with session.get(
+                        "http://worker/metrics.json", timeout=aiohttp.ClientTimeout(total=2)
+                    ) as r:
+                        return await r.json()
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.warning("worker stats at %s unavailable: %s", path, exc)
+                return None
+
+        results = await asyncio.gather(*(one(p) for p in self.worker_sockets))
+        return [r for r in results if r is not None]
 
     async def _evict_idle(self) -> None:
         while True:
@@ -167,6 +203,11 @@ def serve(config: GatewayConfig) -> None:
     if config.workers == 1:
         uvloop.run(_main(Gateway(config), proxy_sock, admin_sock))
         return
+    import shutil
+    import tempfile
+
+    run_dir = tempfile.mkdtemp(prefix="zonemesh-gw-")
+    sockets = tuple(os.path.join(run_dir, f"worker-{i}.sock") for i in range(1, config.workers))
     children: list[int] = []
     for index in range(1, config.workers):
         pid = os.fork()
@@ -174,14 +215,15 @@ def serve(config: GatewayConfig) -> None:
             admin_sock.close()
             code = 0
             try:
-                uvloop.run(_main(Gateway(config, register=False, serve_admin=False), proxy_sock, None))
+                worker = Gateway(config, register=False, serve_admin=False, stats_socket=sockets[index - 1])
+                uvloop.run(_main(worker, proxy_sock, None))
             except BaseException:  # noqa: BLE001
                 log.exception("worker %d failed", index)
                 code = 1
             os._exit(code)
         children.append(pid)
     try:
-        uvloop.run(_main(Gateway(config), proxy_sock, admin_sock))
+        uvloop.run(_main(Gateway(config, worker_sockets=sockets), proxy_sock, admin_sock))
     finally:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
@@ -189,6 +231,7 @@ def serve(config: GatewayConfig) -> None:
         for pid in children:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 async def _main(gw: Gateway, proxy_sock: socket.socket, admin_sock: socket.socket | None) -> None:

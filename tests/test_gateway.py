@@ -466,9 +466,12 @@ async def test_two_workers_share_the_listener(etcd: EmbeddedEtcd, procs: Procs) 
             for _ in range(40):
                 async with s.get(f"{gw.url}/echo", headers={"Host": "two.mesh", "Connection": "close"}) as r:
                     assert r.status == 200
-        # One gateway record for the whole process group.
+        # One gateway record for the whole process group; metrics count the requests of every worker.
         data = await gw.catalog()
         assert len(data["gateways"]["a"]) == 1
+        async with aiohttp.ClientSession() as s, s.get(f"{gw.admin}/metrics") as r:
+            text = await r.text()
+        assert 'zonemesh_requests_total{service="two",zone="a",code="2xx"} 40' in text
         gw.proc.send_signal(signal.SIGTERM)
         assert gw.proc.wait(10) == 0
     finally:
