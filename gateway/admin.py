@@ -28,12 +28,12 @@ def make_admin_app(gw: Gateway) -> Starlette:
         return JSONResponse({"status": "ok", "zone": gw.config.zone, "gateway_id": gw.config.gateway_id})
 
     async def readyz(_: Request) -> JSONResponse:
-        if gw.catalog.ready:
+        if gw.catalog.ready and gw.policy.mirror.synced.is_set():
             return JSONResponse(
                 {"ready": True, "stale": gw.catalog.stale, "revision": gw.catalog.mirror.revision}
             )
         return JSONResponse(
-            {"ready": False, "reason": "waiting for the first catalog snapshot"}, status_code=503
+            {"ready": False, "reason": "waiting for the first catalog and policy snapshots"}, status_code=503
         )
 
     async def metrics(_: Request) -> PlainTextResponse:
@@ -69,6 +69,14 @@ def make_admin_app(gw: Gateway) -> Starlette:
                     "revision": gw.catalog.mirror.revision,
                     "stale": gw.catalog.stale,
                     "last_error": gw.catalog.mirror.last_error,
+                },
+                "policy": {
+                    "revision": gw.policy.table.revision,
+                    "stale": gw.policy.mirror.stale,
+                    "routes": [r.name for r in gw.policy.table.routes],
+                    "services": sorted(gw.policy.table.services),
+                    "mesh": gw.policy.table.mesh is not None,
+                    "rejected": gw.policy.rejected,
                 },
                 "routing": {
                     "host_suffix": cfg.host_suffix,

@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Any
 
 from gateway.balancer import Balancer, make_balancer
 from gateway.config import GatewayConfig
 from gateway.upstream import Pool, PoolStats
+from policy.compile import RoutingTable
+from policy.models import ServicePolicy
 from registry.catalog import Snapshot
 from registry.model import GatewayRecord, Instance
 
@@ -21,29 +24,24 @@ class Endpoint:
     """One dialable upstream (a registered instance or a peer zone gateway) with its pool and health state."""
 
     __slots__ = (
-        "id", "key", "zone", "host", "port", "weight", "record", "pool", "active",
+        "id", "key", "zone", "host", "port", "weight", "record", "pool", "active", "service", "next_check",
         "hc_healthy", "hc_passes", "hc_fails", "failures", "ejected_until", "ejections", "removed",
     )  # fmt: skip
 
     def __init__(
-        self, key: str, record: Instance | GatewayRecord, config: GatewayConfig, stats: PoolStats
+        self, key: str, record: Instance | GatewayRecord, policy: ServicePolicy, stats: PoolStats
     ) -> None:
         self.key = key
         self.id = record.id
+        self.service = record.service if isinstance(record, Instance) else None
+        self.next_check = 0.0
         self.zone = record.zone
         self.host = record.address
         self.port = record.port
         self.weight = getattr(record, "weight", 100)
         self.record = record
-        self.pool = Pool(
-            record.address,
-            record.port,
-            max_connections=config.max_connections,
-            max_pending=config.max_pending,
-            connect_timeout=config.connect_timeout,
-            idle_timeout=config.pool_idle_timeout,
-            stats=stats,
-        )
+        self.pool = Pool(record.address, record.port, stats=stats)
+        self.configure(policy)
         self.active = 0
         self.hc_healthy = True  # registered = presumed healthy until active checks say otherwise
         self.hc_passes = 0
@@ -52,6 +50,24 @@ class Endpoint:
         self.ejected_until = 0.0
         self.ejections = 0
         self.removed = False
+
+    def configure(self, policy: ServicePolicy) -> None:
+        """Apply (changed) destination policy to this endpoint's pool."""
+        pool = self.pool
+        pool.max_connections = policy.circuit_breaker.max_connections
+        pool.max_pending = policy.circuit_breaker.max_pending
+        pool.connect_timeout = policy.timeouts.connect
+        pool.idle_timeout = max(policy.timeouts.idle, 1.0)
+
+    def in_subset(self, subset: dict[str, str]) -> bool:
+        record = self.record
+        tags = getattr(record, "tags", {})
+        for key, value in subset.items():
+            if key == "version" and getattr(record, "version", None) == value:
+                continue
+            if tags.get(key) != value:
+                return False
+        return True
 
     def available(self, now: float) -> bool:
         return self.hc_healthy and now >= self.ejected_until and not self.removed
@@ -74,13 +90,6 @@ class Endpoint:
         }
 
 
-@dataclass
-class Outlier:
-    consecutive: int
-    base: float
-    max: float
-
-
 class ClusterSet:
     """Every endpoint we may dial, rebuilt from each catalog snapshot (state of unchanged endpoints is kept)."""
 
@@ -88,14 +97,14 @@ class ClusterSet:
         self.config = config
         self.zone = config.zone
         self.stats = stats or PoolStats()
-        self.outlier = Outlier(
-            config.outlier_consecutive, config.outlier_base_ejection, config.outlier_max_ejection
-        )
+        self.table = RoutingTable(base=base_policy(config))
+        self.active_requests: defaultdict[str, int] = defaultdict(int)
+        self.active_retries: defaultdict[str, int] = defaultdict(int)
         self.services: dict[str, dict[str, list[Endpoint]]] = {}
         self.gateways: dict[str, list[Endpoint]] = {}
         self.gateway_hosts: frozenset[str] = frozenset()
         self._by_key: dict[str, Endpoint] = {}
-        self._balancers: dict[tuple[str, str], Balancer] = {}
+        self._balancers: dict[tuple[str, str, tuple[tuple[str, str], ...]], Balancer] = {}
         self.ejections_total = 0
         self.revision = 0
 
@@ -128,12 +137,23 @@ class ClusterSet:
             if ep is not None:
                 ep.removed = True
                 ep.pool.close()
-            ep = Endpoint(key, record, self.config, self.stats)
+            policy = self.table.service_policy(record.service if isinstance(record, Instance) else "")
+            ep = Endpoint(key, record, policy, self.stats)
         else:
             ep.record = record
             ep.weight = getattr(record, "weight", 100)
         seen[key] = ep
         return ep
+
+    def apply_policy(self, table: RoutingTable) -> None:
+        """A new routing table: re-configure pools, and start balancers afresh where the kind changed."""
+        old = self.table
+        self.table = table
+        for ep in self._by_key.values():
+            ep.configure(table.service_policy(ep.service or ""))
+        for key in list(self._balancers):
+            if old.service_policy(key[0]).balancer != table.service_policy(key[0]).balancer:
+                del self._balancers[key]
 
     def endpoints(self) -> list[Endpoint]:
         return list(self._by_key.values())
@@ -143,24 +163,38 @@ class ClusterSet:
         return service in self.services
 
     def pick_local(
-        self, service: str, exclude: Sequence[Endpoint] = (), key: bytes | None = None
+        self,
+        service: str,
+        exclude: Sequence[Endpoint] = (),
+        key: bytes | None = None,
+        subset: dict[str, str] | None = None,
     ) -> Endpoint | None:
         eps = self.services.get(service, {}).get(self.zone)
         if not eps:
             return None
         now = time.monotonic()
-        ready = [e for e in eps if e.available(now) and e not in exclude]
+        if subset:
+            ready = [e for e in eps if e.available(now) and e not in exclude and e.in_subset(subset)]
+        else:
+            ready = [e for e in eps if e.available(now) and e not in exclude]
         if not ready:
             return None
-        balancer = self._balancers.get((service, self.zone))
+        bkey = (service, self.zone, tuple(sorted(subset.items())) if subset else ())
+        balancer = self._balancers.get(bkey)
         if balancer is None:
-            balancer = self._balancers[(service, self.zone)] = make_balancer(self.config.balancer)
+            balancer = self._balancers[bkey] = make_balancer(self.table.service_policy(service).balancer)
         return balancer.pick(ready, key)  # type: ignore[return-value]
 
-    def pick_remote(self, service: str, exclude: Sequence[Endpoint] = ()) -> Endpoint | None:
-        """A peer gateway of another zone that has instances of ``service`` (least loaded of two)."""
+    def pick_remote(
+        self, service: str, exclude: Sequence[Endpoint] = (), subset: dict[str, str] | None = None
+    ) -> Endpoint | None:
+        """A peer gateway of another zone that has (matching) instances of ``service`` (least loaded of two)."""
         now = time.monotonic()
-        zones = [z for z, eps in self.services.get(service, {}).items() if z != self.zone and eps]
+        zones = [
+            z
+            for z, eps in self.services.get(service, {}).items()
+            if z != self.zone and eps and (not subset or any(e.in_subset(subset) for e in eps))
+        ]
         candidates = [
             gw for z in zones for gw in self.gateways.get(z, ()) if gw.available(now) and gw not in exclude
         ]
@@ -178,28 +212,30 @@ class ClusterSet:
             ep.failures = 0
             return
         ep.failures += 1
-        if ep.failures >= self.outlier.consecutive and time.monotonic() >= ep.ejected_until:
+        outlier = self.table.service_policy(ep.service or "").outlier_detection
+        if ep.failures >= outlier.consecutive_failures and time.monotonic() >= ep.ejected_until:
             ep.ejections += 1
             self.ejections_total += 1
-            duration = min(self.outlier.max, self.outlier.base * ep.ejections)
+            duration = min(outlier.max_ejection, outlier.base_ejection * ep.ejections)
             ep.ejected_until = time.monotonic() + duration
             ep.failures = 0
             log.warning("ejected %s (%s) for %.0fs after %d consecutive failures", ep.id, ep.address, duration,
-                        self.outlier.consecutive)  # fmt: skip
+                        outlier.consecutive_failures)  # fmt: skip
 
     # --- active health ----------------------------------------------------------------------------------
     def record_check(self, ep: Endpoint, ok: bool, reason: str = "") -> None:
         """Apply one active health check result with rise/fall thresholds (never lifts an ejection)."""
+        hc = self.table.service_policy(ep.service or "").health_check
         if ok:
             ep.hc_passes += 1
             ep.hc_fails = 0
-            if not ep.hc_healthy and ep.hc_passes >= self.config.hc_healthy:
+            if not ep.hc_healthy and ep.hc_passes >= hc.healthy_threshold:
                 ep.hc_healthy = True
                 log.warning("%s (%s) is healthy again", ep.id, ep.address)
         else:
             ep.hc_fails += 1
             ep.hc_passes = 0
-            if ep.hc_healthy and ep.hc_fails >= self.config.hc_unhealthy:
+            if ep.hc_healthy and ep.hc_fails >= hc.unhealthy_threshold:
                 ep.hc_healthy = False
                 log.warning(
                     "%s (%s) failed %d health checks (%s): unhealthy", ep.id, ep.address, ep.hc_fails, reason
@@ -212,3 +248,29 @@ class ClusterSet:
     def evict_idle(self) -> None:
         for ep in self._by_key.values():
             ep.pool.evict_idle()
+
+
+def base_policy(config: GatewayConfig) -> dict[str, Any]:
+    """The gateway's flags as a destination-policy layer (under mesh defaults and per-service policy)."""
+    return {
+        "balancer": config.balancer,
+        "hash_header": config.hash_header,
+        "timeouts": {
+            "connect": config.connect_timeout,
+            "request": config.request_timeout,
+            "idle": config.body_timeout,
+        },
+        "retries": {"attempts": config.connect_retries},
+        "circuit_breaker": {"max_connections": config.max_connections, "max_pending": config.max_pending},
+        "outlier_detection": {
+            "consecutive_failures": config.outlier_consecutive,
+            "base_ejection": config.outlier_base_ejection,
+            "max_ejection": config.outlier_max_ejection,
+        },
+        "health_check": {
+            "interval": config.hc_interval,
+            "timeout": config.hc_timeout,
+            "healthy_threshold": config.hc_healthy,
+            "unhealthy_threshold": config.hc_unhealthy,
+        },
+    }

@@ -1,9 +1,11 @@
-"""Active health checking: GET each instance's health path on an interval, thresholds in ClusterSet."""
+"""Active health checking: GET each instance's health path on its service's interval (thresholds applied
+in ClusterSet.record_check)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import aiohttp
 
@@ -11,56 +13,62 @@ from gateway.cluster import ClusterSet, Endpoint
 from registry.model import Instance
 
 log = logging.getLogger("zonemesh.gateway.health")
+TICK = 0.1
 
 
 class HealthChecker:
     """Checks every instance that declares a ``health_path`` (2xx/3xx = pass), many at a time."""
 
-    def __init__(self, clusters: ClusterSet, interval: float, timeout: float, concurrency: int = 64) -> None:
+    def __init__(self, clusters: ClusterSet, concurrency: int = 64) -> None:
         self.clusters = clusters
-        self.interval = interval
-        self.timeout = timeout
         self._sem = asyncio.Semaphore(concurrency)
         self._task: asyncio.Task[None] | None = None
-        self.rounds = 0
+        self._running: set[asyncio.Task[None]] = set()
+        self.checks = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="health-checker")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for task in [self._task, *self._running]:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(
+            *[t for t in [self._task, *self._running] if t is not None], return_exceptions=True
+        )
 
     async def _run(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=self.timeout)
         connector = aiohttp.TCPConnector(force_close=True, limit=0)
-        async with aiohttp.ClientSession(
-            timeout=timeout, connector=connector, auto_decompress=False
-        ) as session:
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
             while True:
-                targets = [
-                    ep
-                    for ep in self.clusters.endpoints()
-                    if isinstance(ep.record, Instance) and ep.record.health_path
-                ]
-                await asyncio.gather(*(self._check(session, ep) for ep in targets))
-                self.rounds += 1
-                await asyncio.sleep(self.interval)
+                now = time.monotonic()
+                table = self.clusters.table
+                for ep in self.clusters.endpoints():
+                    if (
+                        not isinstance(ep.record, Instance)
+                        or not ep.record.health_path
+                        or now < ep.next_check
+                    ):
+                        continue
+                    hc = table.service_policy(ep.service or "").health_check
+                    ep.next_check = now + hc.interval
+                    task = asyncio.ensure_future(self._check(session, ep, hc.timeout))
+                    self._running.add(task)
+                    task.add_done_callback(self._running.discard)
+                await asyncio.sleep(TICK)
 
-    async def _check(self, session: aiohttp.ClientSession, ep: Endpoint) -> None:
+    async def _check(self, session: aiohttp.ClientSession, ep: Endpoint, timeout: float) -> None:
         url = f"http://{ep.address}{ep.record.health_path}"  # type: ignore[union-attr]
         async with self._sem:
             try:
                 async with session.get(
-                    url, allow_redirects=False, headers={"user-agent": "zonemesh-health"}
-                ) as r:
+                    url, allow_redirects=False, headers={"user-agent": "zonemesh-health"},
+                    timeout=aiohttp.ClientTimeout(total=timeout),
+                ) as r:  # fmt: skip
                     await r.read()
                     ok, reason = r.status < 400, f"HTTP {r.status}"
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 ok, reason = False, type(exc).__name__
+        self.checks += 1
         if not ep.removed:
             self.clusters.record_check(ep, ok, reason)

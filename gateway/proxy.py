@@ -1,8 +1,10 @@
 """The proxy: a plain ASGI app (no framework on the hot path) that routes, balances and streams.
 
-Request path: header hygiene and limits -> service from ``Host: <svc><suffix>`` or ``/<svc>/`` -> local-zone
-endpoint (balancer), else a peer gateway of a zone that has the service (at most one cross-zone hop) ->
-upstream pool -> stream both ways -> access log + metrics. Only catalog endpoints are ever dialed.
+Request path: header hygiene and limits -> policy route (or the default ``Host: <svc><suffix>`` / ``/<svc>/``
+routing) -> route filters (rate limit, fault, redirect, direct response, rewrite, headers, mirror) -> service
+policy (rate limit, breaker) -> local-zone endpoint, else a peer gateway of a zone that has the service (the
+first gateway decides; the peer only delivers) -> upstream pool with retries and timeouts -> stream both ways
+-> access log + metrics. Only catalog endpoints are ever dialed.
 """
 
 from __future__ import annotations
@@ -10,15 +12,27 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import re
 import time
 import uuid
 from typing import Any
+from urllib.parse import parse_qsl
 
 from gateway.cluster import ClusterSet, Endpoint
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
-from gateway.upstream import ConnectFailed, PoolExhausted, UpstreamError, UpstreamReset, build_head
+from gateway.ratelimit import RateLimiter, retry_after_header
+from gateway.upstream import (
+    ConnectFailed,
+    PoolExhausted,
+    UpstreamError,
+    UpstreamReset,
+    UpstreamTimeout,
+    build_head,
+)
+from policy.compile import CompiledRoute
+from policy.models import HeaderOps, RateLimit, RetryPolicy
 from registry.keys import NAME_RE
 
 access_log = logging.getLogger("zonemesh.access")
@@ -30,15 +44,20 @@ HOP_BY_HOP = frozenset(
         b"te", b"trailer", b"transfer-encoding", b"upgrade", b"expect", b"http2-settings",
     }
 )  # fmt: skip
-# Request headers we never copy as they come: hop-by-hop ones, and those we set ourselves.
-_REQUEST_SKIP = HOP_BY_HOP | {b"content-length", b"x-request-id", b"x-forwarded-for", b"via"}
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 HOP_HEADER = b"x-zonemesh-hop"
+SERVICE_HEADER = b"x-zonemesh-service"
+SUBSET_HEADER = b"x-zonemesh-subset"
 ZONE_HEADER = b"x-zonemesh-zone"
+# Request headers we never copy as they come: hop-by-hop ones, those we set ourselves, and our hop metadata.
+_REQUEST_SKIP = HOP_BY_HOP | {
+    b"content-length", b"x-request-id", b"x-forwarded-for", b"via", HOP_HEADER, SERVICE_HEADER, SUBSET_HEADER,
+}  # fmt: skip
 REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _WS_SKIP = HOP_BY_HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
                          b"sec-websocket-protocol"}  # fmt: skip
 _STREAM_WATCH_AFTER = 16  # chunks: start watching for a client disconnect on long responses
+_MIRROR_BODY_MAX = 64 * 1024
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -53,6 +72,21 @@ class GatewayError(Exception):
         self.headers = headers or []
 
 
+class _Request:
+    """What the proxy learned from a request's head, in one pass over its headers."""
+
+    __slots__ = (
+        "scope", "start", "method", "raw_path", "query", "host", "rid", "clen", "chunked", "hopped", "hop_service",
+        "hop_subset", "conn_tokens", "fwd_for", "client_ip", "body_len",
+    )  # fmt: skip
+
+    def header(self, name: bytes) -> bytes | None:
+        for n, v in self.scope["headers"]:
+            if n == name:
+                return v
+        return None
+
+
 class ProxyApp:
     """The ASGI application of a zone gateway's proxy listener."""
 
@@ -60,12 +94,13 @@ class ProxyApp:
         self.config = config
         self.clusters = clusters
         self.metrics = metrics
+        self.limiter = RateLimiter()
         self.zone = config.zone
         self.zone_b = config.zone.encode()
         self.via = f"1.1 zonemesh-{config.zone}".encode()
         self.suffix = config.host_suffix.encode()
-        self.hash_header = config.hash_header.encode()
         self.log_access = config.access_log
+        self._background: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -82,7 +117,7 @@ class ProxyApp:
 
     # --- request analysis -------------------------------------------------------------------------------
     def route(self, host: bytes, raw_path: bytes) -> tuple[str, bytes] | None:
-        """``(service, path for the instance)`` or None when nothing routes."""
+        """Default routing: ``(service, path for the instance)`` or None when nothing routes."""
         name = host.rsplit(b":", 1)[0] if not host.endswith(b"]") else host
         name = name.lower()
         if name.endswith(self.suffix):
@@ -98,77 +133,208 @@ class ProxyApp:
                 return service, raw_path
         return None
 
-    def pick(self, service: str, tried: list[Endpoint], hopped: bool, key: bytes | None) -> Endpoint | None:
-        ep = self.clusters.pick_local(service, tried, key)
-        if ep is None and not hopped:
-            ep = self.clusters.pick_remote(service, tried)
+    def pick(
+        self,
+        service: str,
+        tried: list[Endpoint],
+        local_only: bool,
+        key: bytes | None,
+        subset: dict | None = None,
+    ) -> Endpoint | None:
+        ep = self.clusters.pick_local(service, tried, key, subset)
+        if ep is None and not local_only:
+            ep = self.clusters.pick_remote(service, tried, subset)
         return ep
+
+    def _parse(self, scope: dict[str, Any]) -> _Request:
+        req = _Request()
+        req.scope = scope
+        req.start = time.perf_counter()
+        req.method = scope["method"]
+        req.raw_path = scope.get("raw_path") or scope["path"].encode()
+        req.query = scope.get("query_string", b"")
+        req.host = b""
+        req.rid = None
+        req.clen = None
+        req.chunked = req.hopped = False
+        req.hop_service = req.hop_subset = None
+        req.conn_tokens = None
+        req.fwd_for = None
+        client = scope.get("client")
+        req.client_ip = client[0] if client else ""
+        for name, value in scope["headers"]:
+            if name == b"host":
+                req.host = value
+            elif name == b"x-request-id":
+                req.rid = value
+            elif name == b"content-length":
+                if req.clen is not None and req.clen != value:
+                    raise GatewayError(400, "bad_request", "conflicting Content-Length")
+                req.clen = value
+            elif name == b"transfer-encoding":
+                req.chunked = True
+            elif name == b"connection":
+                req.conn_tokens = {t.strip().lower() for t in value.split(b",")}
+            elif name == HOP_HEADER:
+                req.hopped = True
+            elif name == SERVICE_HEADER:
+                req.hop_service = value
+            elif name == SUBSET_HEADER:
+                req.hop_subset = value
+            elif name == b"x-forwarded-for":
+                req.fwd_for = value
+        if req.rid is None or not REQUEST_ID_RE.match(req.rid):
+            req.rid = uuid.uuid4().hex.encode()
+        if req.clen is not None:
+            if req.chunked:
+                raise GatewayError(
+                    400, "bad_request", "Content-Length and Transfer-Encoding together are not allowed"
+                )
+            if not req.clen.isdigit():
+                raise GatewayError(400, "bad_request", "invalid Content-Length")
+            req.body_len = int(req.clen)
+        else:
+            req.body_len = -1 if req.chunked else 0
+        limit = self.config.max_body_bytes
+        if limit is not None and req.body_len > limit:
+            raise GatewayError(
+                413, "payload_too_large", f"request body of {req.body_len} bytes exceeds the limit of {limit}"
+            )
+        return req
 
     # --- HTTP -------------------------------------------------------------------------------------------
     async def http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        start = time.perf_counter()
-        method: str = scope["method"]
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-        query: bytes = scope.get("query_string", b"")
-        host = b""
-        rid = None
-        clen: bytes | None = None
-        chunked = False
-        hopped = False
-        hash_key = None
-        conn_tokens: set[bytes] = set()
-        fwd_for = None
-        for name, value in scope["headers"]:
-            if name == b"host":
-                host = value
-            elif name == b"x-request-id":
-                rid = value
-            elif name == b"content-length":
-                if clen is not None and clen != value:
-                    return await self.error(
-                        send, scope, start, b"", 400, "bad_request", "conflicting Content-Length"
-                    )
-                clen = value
-            elif name == b"transfer-encoding":
-                chunked = True
-            elif name == b"connection":
-                conn_tokens.update(t.strip().lower() for t in value.split(b","))
-            elif name == HOP_HEADER:
-                hopped = True
-            elif name == b"x-forwarded-for":
-                fwd_for = value
-            elif name == self.hash_header:
-                hash_key = value
-        if rid is None or not REQUEST_ID_RE.match(rid):
-            rid = uuid.uuid4().hex.encode()
-        if clen is not None:
-            if chunked:
-                return await self.error(send, scope, start, rid, 400, "bad_request",
-                                        "Content-Length and Transfer-Encoding together are not allowed")  # fmt: skip
-            if not clen.isdigit():
-                return await self.error(send, scope, start, rid, 400, "bad_request", "invalid Content-Length")
-            body_len = int(clen)
+        try:
+            req = self._parse(scope)
+        except GatewayError as exc:
+            return await self.error(send, scope, time.perf_counter(), b"", exc.status, exc.code, exc.message)
+        table = self.clusters.table
+        trusted_hop = req.hopped and req.client_ip in self.clusters.gateway_hosts
+        route: CompiledRoute | None = None
+        subset: dict[str, str] | None = None
+        if trusted_hop and req.hop_service:
+            # A peer gateway already matched the route and chose the service: deliver locally.
+            service = req.hop_service.decode("latin-1")
+            upstream_path = req.raw_path
+            subset = _decode_subset(req.hop_subset)
         else:
-            body_len = -1 if chunked else 0
-        limit = self.config.max_body_bytes
-        if limit is not None and body_len > limit:
-            return await self.error(send, scope, start, rid, 413, "payload_too_large",
-                                    f"request body of {body_len} bytes exceeds the limit of {limit}")  # fmt: skip
-        routed = self.route(host, raw_path)
-        if routed is None:
-            return await self.error(send, scope, start, rid, 404, "no_route",
-                                    f"no route for host {host.decode('latin-1')!r} path {raw_path.decode('latin-1')!r}")  # fmt: skip
-        service, upstream_path = routed
+            if table.routes:
+                route = table.match(req.method, _host_name(req.host), req.raw_path.decode("latin-1"),
+                                    _headers_dict(scope) if table.needs_headers else {},
+                                    _query_dict(req.query) if req.query else None)  # fmt: skip
+            if route is not None:
+                answered = await self._route_filters(route, req, send)
+                if answered:
+                    return
+                dest = route.pick_destination()
+                service, subset = dest.service, (dest.subset or None)
+                upstream_path = _rewrite(route, req.raw_path)
+            else:
+                routed = self.route(req.host, req.raw_path)
+                if routed is None:
+                    host_s, path_s = req.host.decode("latin-1"), req.raw_path.decode("latin-1")
+                    return await self.error(send, scope, req.start, req.rid, 404, "no_route",
+                                            f"no route for host {host_s!r} path {path_s!r}")  # fmt: skip
+                service, upstream_path = routed
+        policy = table.service_policy(service)
+        if policy.rate_limit is not None and not trusted_hop:
+            if await self._rate_limited(policy.rate_limit, f"s/{service}", req, send, service):
+                return
+        active = self.clusters.active_requests
+        if active[service] >= policy.circuit_breaker.max_requests:
+            return await self.error(send, scope, req.start, req.rid, 503, "circuit_open",
+                                    f"service {service!r} has {active[service]} requests in flight "
+                                    f"(limit {policy.circuit_breaker.max_requests})", service)  # fmt: skip
+        headers = self._request_headers(req, trusted_hop, route)
+        spec = route.spec if route is not None else None
+        retry = spec.retries if spec is not None and spec.retries is not None else policy.retries
+        timeout = spec.timeout if spec is not None and spec.timeout is not None else policy.timeouts.request
+        mirror_body: list[bytes] | None = None
+        if spec is not None and spec.mirror is not None and random.random() * 100 < spec.mirror.percent:
+            if req.body_len == 0 or 0 < req.body_len <= _MIRROR_BODY_MAX:
+                mirror_body = []
+            else:
+                self.metrics.errors["mirror_skipped_body"] += 1
+        hash_key = req.header(policy.hash_header.encode()) if policy.balancer == "ring_hash" else None
+        local_only = req.hopped or not policy.zone_failover
+        active[service] += 1
+        try:
+            await self._forward(req, receive, send, service, subset, upstream_path, headers, retry, timeout,
+                                policy.timeouts.idle, local_only, hash_key, route, mirror_body)  # fmt: skip
+        finally:
+            active[service] -= 1
+        if mirror_body is not None and spec is not None and spec.mirror is not None:
+            self._spawn(self._mirror(spec.mirror.service, req, upstream_path, headers, b"".join(mirror_body)))
 
-        # Outgoing headers: everything but hop-by-hop (and what Connection names), plus forwarding headers.
-        client = scope.get("client")
-        client_ip = client[0] if client else ""
-        # Forwarding headers are kept only from a peer gateway (a hop from a known gateway address).
-        trusted = hopped and client_ip in self.clusters.gateway_hosts
-        skip = _REQUEST_SKIP | conn_tokens if conn_tokens else _REQUEST_SKIP
+    async def _route_filters(self, route: CompiledRoute, req: _Request, send: Any) -> bool:
+        """Route-level rate limit, faults, redirect and direct response. True when the request was answered."""
+        spec = route.spec
+        scope = req.scope
+        if spec.rate_limit is not None and await self._rate_limited(
+            spec.rate_limit, f"r/{route.name}", req, send, ""
+        ):
+            return True
+        if spec.fault is not None:
+            delay, abort = spec.fault.delay, spec.fault.abort
+            if delay is not None and random.random() * 100 < delay.percent:
+                await asyncio.sleep(delay.duration)
+            if abort is not None and random.random() * 100 < abort.percent:
+                await self.error(send, scope, req.start, req.rid, abort.status, "fault_injected",
+                                 f"fault injected by route {route.name!r}")  # fmt: skip
+                return True
+        if spec.direct_response is not None:
+            d = spec.direct_response
+            body = d.body.encode()
+            headers = [(k.lower().encode(), v.encode()) for k, v in d.headers.items()]
+            if not any(k == b"content-type" for k, _ in headers):
+                headers.append((b"content-type", b"text/plain; charset=utf-8"))
+            headers += [(b"content-length", str(len(body)).encode()), (b"x-request-id", req.rid)]
+            await send({"type": "http.response.start", "status": d.status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            self._done(scope, req.start, req.rid, d.status, "", None, len(body), None, req.host)
+            return True
+        if spec.redirect is not None:
+            r = spec.redirect
+            scheme = r.scheme or scope.get("scheme", "http")
+            host = r.host or req.host.decode("latin-1")
+            path = r.path or req.raw_path.decode("latin-1")
+            location = f"{scheme}://{host}{path}" + (f"?{req.query.decode('latin-1')}" if req.query else "")
+            headers = [
+                (b"location", location.encode()),
+                (b"content-length", b"0"),
+                (b"x-request-id", req.rid),
+            ]
+            await send({"type": "http.response.start", "status": r.status, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+            self._done(scope, req.start, req.rid, r.status, "", None, 0, None, req.host)
+            return True
+        return False
+
+    async def _rate_limited(
+        self, rl: RateLimit, scope_key: str, req: _Request, send: Any, service: str
+    ) -> bool:
+        if rl.key == "ip":
+            key = req.client_ip
+        elif rl.key.startswith("header:"):
+            key = (req.header(rl.key[7:].encode()) or b"").decode("latin-1")
+        else:
+            key = ""
+        wait = self.limiter.allow(scope_key, key, rl.requests_per_second, rl.burst)
+        if wait <= 0:
+            return False
+        await self.error(send, req.scope, req.start, req.rid, 429, "rate_limited",
+                         f"rate limit of {rl.requests_per_second:g}/s (burst {rl.burst}) exceeded", service,
+                         [(b"retry-after", retry_after_header(wait))])  # fmt: skip
+        return True
+
+    def _request_headers(
+        self, req: _Request, trusted: bool, route: CompiledRoute | None
+    ) -> list[tuple[bytes, bytes]]:
+        """Outgoing headers: all but hop-by-hop (and what Connection names), plus forwarding headers."""
+        skip = _REQUEST_SKIP | req.conn_tokens if req.conn_tokens else _REQUEST_SKIP
         out: list[tuple[bytes, bytes]] = []
         via = self.via
-        for name, value in scope["headers"]:
+        for name, value in req.scope["headers"]:
             if name in skip:
                 if name == b"via":
                     via = value + b", " + self.via
@@ -176,95 +342,190 @@ class ProxyApp:
             if not trusted and (name == b"x-forwarded-proto" or name == b"x-forwarded-host"):
                 continue
             out.append((name, value))
-        out.append((b"x-request-id", rid))
-        out.append(
-            (b"x-forwarded-for", fwd_for + b", " + client_ip.encode() if fwd_for else client_ip.encode())
-        )
+        ip = req.client_ip.encode()
+        out.append((b"x-request-id", req.rid))
+        out.append((b"x-forwarded-for", req.fwd_for + b", " + ip if req.fwd_for else ip))
         if not trusted:
-            out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
-            if host:
-                out.append((b"x-forwarded-host", host))
+            out.append((b"x-forwarded-proto", req.scope.get("scheme", "http").encode()))
+            if req.host:
+                out.append((b"x-forwarded-host", req.host))
         out.append((b"via", via))
-        if body_len > 0:
-            out.append((b"content-length", clen))  # type: ignore[arg-type]
-        elif body_len < 0:
+        if req.body_len > 0:
+            out.append((b"content-length", req.clen))  # type: ignore[arg-type]
+        elif req.body_len < 0:
             out.append((b"transfer-encoding", b"chunked"))
+        if route is not None:
+            spec = route.spec
+            if spec.rewrite is not None and spec.rewrite.host:
+                out = [(n, spec.rewrite.host.encode() if n == b"host" else v) for n, v in out]
+            if spec.request_headers is not None:
+                out = _apply_header_ops(out, spec.request_headers)
+        return out
 
+    async def _forward(
+        self, req: _Request, receive: Any, send: Any, service: str, subset: dict[str, str] | None,
+        upstream_path: bytes, headers: list[tuple[bytes, bytes]], retry: RetryPolicy, timeout: float,
+        idle_timeout: float, local_only: bool, hash_key: bytes | None, route: CompiledRoute | None,
+        mirror_body: list[bytes] | None,
+    ) -> None:  # fmt: skip
+        """Try endpoints until one answers or the retry policy says stop; then relay the response."""
+        scope, method = req.scope, req.method
+        deadline = req.start + timeout
+        target = upstream_path + (b"?" + req.query if req.query else b"")
         tried: list[Endpoint] = []
-        connect_retries = self.config.connect_retries
+        retries_left = retry.attempts
+        retry_on = retry.retry_on
+        idempotent = method in IDEMPOTENT or retry.allow_non_idempotent
         body_started = False
         last_error: UpstreamError | None = None
-        while True:
-            ep = self.pick(service, tried, hopped, hash_key)
-            if ep is None:
-                if last_error is not None:
-                    return await self.error(send, scope, start, rid, last_error.status, last_error.code,
-                                            str(last_error), service)  # fmt: skip
-                where = "in this zone" if hopped else "in any zone"
-                return await self.error(send, scope, start, rid, 503, "no_healthy_upstream",
-                                        f"service {service!r} has no healthy instance {where}", service)  # fmt: skip
-            remote = ep.zone != self.zone
-            target = (raw_path if remote else upstream_path) + (b"?" + query if query else b"")
-            headers = out + [(HOP_HEADER, self.zone_b)] if remote else out
-            ep.active += 1
-            conn = None
-            try:
+        in_retry = False
+        resp_ops = route.spec.response_headers if route is not None else None
+        active_retries = self.clusters.active_retries
+
+        def may_retry(condition: str) -> bool:
+            nonlocal retries_left, in_retry
+            if (
+                retries_left <= 0
+                or condition not in retry_on
+                or (body_started and condition != "connect-failure")
+            ):
+                return False
+            if condition != "connect-failure" and not idempotent:
+                return False
+            budget = max(retry.min_retry_concurrency,
+                         retry.budget_percent / 100 * self.clusters.active_requests[service])  # fmt: skip
+            if not in_retry and active_retries[service] >= budget:
+                self.metrics.errors["retry_budget_exhausted"] += 1
+                return False
+            retries_left -= 1
+            if not in_retry:
+                in_retry = True
+                active_retries[service] += 1
+            self.metrics.errors["retries"] += 1
+            return True
+
+        try:
+            while True:
+                ep = self.pick(service, tried, local_only, hash_key, subset)
+                if ep is None and tried and last_error is not None:
+                    ep = self.pick(
+                        service, [], local_only, hash_key, subset
+                    )  # all tried: any healthy one again
+                if ep is None:
+                    if last_error is not None:
+                        return await self.error(send, scope, req.start, req.rid, last_error.status, last_error.code,
+                                                str(last_error), service)  # fmt: skip
+                    where = "in this zone" if local_only else "in any zone"
+                    what = f"service {service!r}" + (f" subset {subset}" if subset else "")
+                    return await self.error(send, scope, req.start, req.rid, 503, "no_healthy_upstream",
+                                            f"{what} has no healthy instance {where}", service)  # fmt: skip
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    return await self.error(send, scope, req.start, req.rid, 504, "upstream_timeout",
+                                            f"no response within the request timeout of {timeout}s", service)  # fmt: skip
+                per_try = min(retry.per_try_timeout or remaining, remaining)
+                remote = ep.zone != self.zone
+                if remote:
+                    extra = [(HOP_HEADER, self.zone_b), (SERVICE_HEADER, service.encode())]
+                    if subset:
+                        extra.append((SUBSET_HEADER, _encode_subset(subset)))
+                    head = build_head(method, target, headers + extra)
+                else:
+                    head = build_head(method, target, headers)
+                if tried and last_error is not None:
+                    await asyncio.sleep(random.uniform(0, min(0.25, 0.025 * 2 ** len(tried))))
+                ep.active += 1
+                conn = None
                 try:
-                    conn, reused = await ep.pool.acquire()
-                except ConnectFailed as exc:
-                    self.clusters.report(ep, False)
-                    tried.append(ep)
-                    last_error = exc
-                    if connect_retries > 0:
-                        connect_retries -= 1
-                        continue
-                    return await self.error(send, scope, start, rid, 502, exc.code, str(exc), service)
-                except PoolExhausted as exc:
-                    return await self.error(send, scope, start, rid, 503, exc.code, str(exc), service)
-                try:
-                    conn.send_head(build_head(method, target, headers), method == "HEAD")
-                    if body_len:
-                        body_started = True
-                        await self._send_body(conn, receive, body_len)
-                    status, resp_headers = await conn.read_head(self.config.request_timeout)
-                except UpstreamReset as exc:
-                    conn.close()
-                    conn = None
-                    if reused and not body_started:
-                        continue  # a kept-alive connection the upstream had closed: retry on a fresh one
-                    self.clusters.report(ep, False)
-                    if not body_started and method in IDEMPOTENT and connect_retries > 0:
-                        connect_retries -= 1  # nothing of the request is lost: try another endpoint
+                    try:
+                        conn, reused = await ep.pool.acquire()
+                    except ConnectFailed as exc:
+                        self.clusters.report(ep, False)
                         tried.append(ep)
                         last_error = exc
+                        if may_retry("connect-failure"):
+                            continue
+                        return await self.error(
+                            send, scope, req.start, req.rid, 502, exc.code, str(exc), service
+                        )
+                    except PoolExhausted as exc:
+                        return await self.error(
+                            send, scope, req.start, req.rid, 503, exc.code, str(exc), service
+                        )
+                    try:
+                        conn.send_head(head, method == "HEAD")
+                        if req.body_len:
+                            body_started = True
+                            await self._send_body(conn, receive, req.body_len, idle_timeout, mirror_body)
+                        status, resp_headers = await conn.read_head(per_try)
+                    except UpstreamReset as exc:
+                        conn.close()
+                        conn = None
+                        if reused and not body_started:
+                            continue  # a kept-alive connection the upstream had closed: retry on a fresh one
+                        self.clusters.report(ep, False)
+                        tried.append(ep)
+                        last_error = exc
+                        if may_retry("reset"):
+                            continue
+                        return await self.error(
+                            send, scope, req.start, req.rid, 502, exc.code, str(exc), service
+                        )
+                    except UpstreamTimeout as exc:
+                        conn.close()
+                        conn = None
+                        self.clusters.report(ep, False)
+                        tried.append(ep)
+                        last_error = exc
+                        if may_retry("5xx") or may_retry("gateway-error"):
+                            continue
+                        return await self.error(
+                            send, scope, req.start, req.rid, 504, exc.code, str(exc), service
+                        )
+                    except UpstreamError as exc:
+                        conn.close()
+                        conn = None
+                        self.clusters.report(ep, False)
+                        return await self.error(send, scope, req.start, req.rid, exc.status, exc.code, str(exc),
+                                                service)  # fmt: skip
+                    except GatewayError as exc:
+                        conn.close()
+                        conn = None
+                        return await self.error(send, scope, req.start, req.rid, exc.status, exc.code, exc.message,
+                                                service)  # fmt: skip
+                    self.clusters.report(ep, status < 500)
+                    if _retriable_status(status, retry) and (
+                        (status >= 500 and may_retry("5xx"))
+                        or (502 <= status <= 504 and may_retry("gateway-error"))
+                        or (status in retry.retriable_status_codes and may_retry("retriable-status-codes"))
+                    ):
+                        conn.close()
+                        conn = None
+                        tried.append(ep)
+                        last_error = UpstreamReset(f"upstream answered {status}")
+                        last_error.status, last_error.code = status, "upstream_error"
                         continue
-                    return await self.error(send, scope, start, rid, 502, exc.code, str(exc), service)
-                except UpstreamError as exc:
-                    conn.close()
-                    self.clusters.report(ep, False)
-                    return await self.error(send, scope, start, rid, exc.status, exc.code, str(exc), service)
-                except GatewayError as exc:
-                    conn.close()
-                    return await self.error(
-                        send, scope, start, rid, exc.status, exc.code, exc.message, service
-                    )
-                self.clusters.report(ep, status < 500)
-                sent = await self._relay_response(conn, send, receive, status, resp_headers, rid, ep)
-                conn = None
-                self._done(scope, start, rid, status, service, ep, sent, None, host)
-                return
-            finally:
-                ep.active -= 1
-                if conn is not None:  # the exchange did not finish cleanly (error or cancellation)
-                    conn.close()
+                    sent = await self._relay_response(conn, send, receive, status, resp_headers, req.rid, ep,
+                                                      idle_timeout, resp_ops)  # fmt: skip
+                    conn = None
+                    self._done(scope, req.start, req.rid, status, service, ep, sent, None, req.host)
+                    return
+                finally:
+                    ep.active -= 1
+                    if conn is not None:  # the exchange did not finish cleanly (error or cancellation)
+                        conn.close()
+        finally:
+            if in_retry:
+                active_retries[service] -= 1
 
-    async def _send_body(self, conn: Any, receive: Any, body_len: int) -> None:
+    async def _send_body(
+        self, conn: Any, receive: Any, body_len: int, timeout: float, tee: list[bytes] | None
+    ) -> None:
         """Stream the client's body to the upstream (re-chunked when the client sent it chunked)."""
         chunked = body_len < 0
         limit = self.config.max_body_bytes
         total = 0
         more = True
-        timeout = self.config.body_timeout
         while more:
             try:
                 async with asyncio.timeout(timeout):
@@ -284,6 +545,8 @@ class ProxyApp:
                 raise GatewayError(
                     413, "payload_too_large", f"request body exceeds the limit of {limit} bytes"
                 )
+            if tee is not None:
+                tee.append(data)
             if conn.response_started:
                 continue  # the upstream already answered (e.g. an early 413): drop the rest
             if chunked:
@@ -298,7 +561,7 @@ class ProxyApp:
 
     async def _relay_response(
         self, conn: Any, send: Any, receive: Any, status: int, up_headers: list[tuple[bytes, bytes]], rid: bytes,
-        ep: Endpoint,
+        ep: Endpoint, timeout: float, ops: HeaderOps | None,
     ) -> int:  # fmt: skip
         """Send the upstream's response to the client, streaming the body; returns body bytes sent."""
         conn_tokens: set[bytes] = set()
@@ -323,11 +586,12 @@ class ProxyApp:
         headers.append((b"via", via))
         if not has_zone:
             headers.append((ZONE_HEADER, ep.zone.encode()))
+        if ops is not None:
+            headers = _apply_header_ops(headers, ops)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         sent = 0
         chunks = 0
         disconnected: asyncio.Task[Any] | None = None
-        timeout = self.config.body_timeout
         try:
             while True:
                 chunk = await conn.read(timeout)
@@ -355,15 +619,57 @@ class ProxyApp:
         conn.done()
         return sent
 
+    # --- mirroring --------------------------------------------------------------------------------------
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _mirror(
+        self, service: str, req: _Request, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> None:
+        """Fire-and-forget copy of a request to ``service``; the answer is read and dropped."""
+        ep = self.pick(service, [], req.hopped, None)
+        if ep is None:
+            self.metrics.errors["mirror_no_upstream"] += 1
+            return
+        hdrs = [(n, v) for n, v in headers if n not in (b"content-length", b"transfer-encoding")]
+        hdrs.append((b"x-zonemesh-mirror", b"1"))
+        if body:
+            hdrs.append((b"content-length", str(len(body)).encode()))
+        if ep.zone != self.zone:
+            hdrs += [(HOP_HEADER, self.zone_b), (SERVICE_HEADER, service.encode())]
+        target = path + (b"?" + req.query if req.query else b"")
+        conn = None
+        try:
+            conn, _ = await ep.pool.acquire()
+            conn.send_head(build_head(req.method, target, hdrs), req.method == "HEAD")
+            if body:
+                await conn.write(body)
+            await conn.read_head(self.config.request_timeout)
+            while await conn.read(self.config.body_timeout) is not None:
+                pass
+            conn.done()
+            conn = None
+            self.metrics.errors["mirror_sent"] += 1
+        except (UpstreamError, OSError) as exc:
+            self.metrics.errors["mirror_failed"] += 1
+            log.info("mirror to %s failed: %s", service, exc)
+        finally:
+            if conn is not None:
+                conn.close()
+
     # --- answers and logs -------------------------------------------------------------------------------
     async def error(
         self, send: Any, scope: dict[str, Any], start: float, rid: bytes, status: int, code: str, message: str,
-        service: str = "",
+        service: str = "", extra_headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:  # fmt: skip
         """Answer with the JSON error body every gateway error uses."""
         rid = rid or uuid.uuid4().hex.encode()
         body = json.dumps({"error": code, "message": message, "request_id": rid.decode()}).encode()
         headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode()), (b"x-request-id", rid)]
+        if extra_headers:
+            headers += extra_headers
         if status in (400, 408, 413, 431):
             headers.append((b"connection", b"close"))
         try:
@@ -400,6 +706,61 @@ class ProxyApp:
             if error:
                 entry["error"] = error
             access_log.info(json.dumps(entry, separators=(",", ":")))
+
+
+def _retriable_status(status: int, retry: RetryPolicy) -> bool:
+    return status >= 500 or status in retry.retriable_status_codes
+
+
+def _host_name(host: bytes) -> str:
+    h = host.decode("latin-1").lower()
+    if h.startswith("["):
+        return h.split("]")[0] + "]"
+    return h.rsplit(":", 1)[0] if ":" in h else h
+
+
+def _headers_dict(scope: dict[str, Any]) -> dict[str, str]:
+    return {n.decode("latin-1"): v.decode("latin-1") for n, v in scope["headers"]}
+
+
+def _query_dict(query: bytes) -> dict[str, str]:
+    return dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True))
+
+
+def _rewrite(route: CompiledRoute, raw_path: bytes) -> bytes:
+    rw = route.spec.rewrite
+    if rw is None or rw.prefix is None:
+        return raw_path
+    prefix = route.path_value.encode()  # type: ignore[union-attr]
+    rest = raw_path[len(prefix) :]
+    new = rw.prefix.encode()
+    if new.endswith(b"/") and rest.startswith(b"/"):
+        rest = rest[1:]
+    out = new + rest
+    return out if out.startswith(b"/") else b"/" + out
+
+
+def _apply_header_ops(headers: list[tuple[bytes, bytes]], ops: HeaderOps) -> list[tuple[bytes, bytes]]:
+    drop = {n.lower().encode() for n in ops.remove} | {n.lower().encode() for n in ops.set}
+    out = [(n, v) for n, v in headers if n not in drop]
+    out += [(n.lower().encode(), v.encode()) for n, v in ops.set.items()]
+    out += [(n.lower().encode(), v.encode()) for n, v in ops.add.items()]
+    return out
+
+
+def _encode_subset(subset: dict[str, str]) -> bytes:
+    return ",".join(f"{k}={v}" for k, v in sorted(subset.items())).encode()
+
+
+def _decode_subset(raw: bytes | None) -> dict[str, str] | None:
+    if not raw:
+        return None
+    out = {}
+    for part in raw.decode("latin-1").split(","):
+        k, _, v = part.partition("=")
+        if k:
+            out[k] = v
+    return out or None
 
 
 async def _wait_disconnect(receive: Any) -> None:

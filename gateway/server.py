@@ -14,16 +14,19 @@ from collections.abc import Iterator
 import uvicorn
 
 from gateway.admin import make_admin_app, make_worker_stats_app
-from gateway.cluster import ClusterSet
+from gateway.cluster import ClusterSet, base_policy
 from gateway.config import GatewayConfig
 from gateway.health import HealthChecker
 from gateway.listen import bind
 from gateway.metrics import Metrics
+from gateway.policy_state import PolicyState
 from gateway.protocol import GatewayHttpProtocol
 from gateway.proxy import ProxyApp
 from gateway.upstream import PoolStats
-from registry.catalog import Catalog
+from policy.compile import RoutingTable
+from registry.catalog import Catalog, Snapshot
 from registry.heartbeat import HeartbeatClient
+from registry.keys import Keys
 from registry.model import GatewayRecord
 
 log = logging.getLogger("zonemesh.gateway")
@@ -56,7 +59,13 @@ class Gateway:
         self.clusters = ClusterSet(config, self.stats)
         self.metrics = Metrics()
         self.app = ProxyApp(config, self.clusters, self.metrics)
-        self.health = HealthChecker(self.clusters, config.hc_interval, config.hc_timeout)
+        self.health = HealthChecker(self.clusters)
+        self.policy = PolicyState(
+            config.etcd, base_policy(config), lambda: set(self.catalog.snapshot.services)
+        )
+        self.policy.subscribe(self._policy_changed)
+        self.status_beat: HeartbeatClient | None = None
+        self._service_names: frozenset[str] = frozenset()
         self.register = register
         self.serve_admin = serve_admin
         self.heartbeat: HeartbeatClient | None = None
@@ -82,8 +91,26 @@ class Gateway:
                 "zonemesh_catalog_gateways": lambda: sum(len(g) for g in c.snapshot.gateways.values()),
                 "zonemesh_catalog_stale": lambda: 1.0 if c.stale else 0.0,
                 "zonemesh_catalog_rejected_keys": lambda: len(c.rejected),
+                "zonemesh_policy_revision": lambda: self.policy.table.revision,
+                "zonemesh_policy_routes": lambda: len(self.policy.table.routes),
+                "zonemesh_policy_rejected_keys": lambda: len(self.policy.rejected),
+                "zonemesh_policy_stale": lambda: 1.0 if self.policy.mirror.stale else 0.0,
             }
         )
+        m.counters["zonemesh_policy_rejects_total"] = lambda: self.policy.rejects_total
+
+    def _catalog_changed(self, snap: Snapshot) -> None:
+        self.clusters.update(snap)
+        names = frozenset(snap.services)
+        if names != self._service_names:  # routes naming a service that (dis)appeared are re-validated
+            self._service_names = names
+            if self.policy.mirror.synced.is_set():
+                self.policy.recompile()
+
+    def _policy_changed(self, table: RoutingTable) -> None:
+        self.clusters.apply_policy(table)
+        if self.status_beat is not None:
+            self.status_beat.update(self.policy.status(self.config.gateway_id, self.config.zone))
 
     async def run(
         self,
@@ -97,8 +124,9 @@ class Gateway:
         if self.serve_admin:
             admin_sock = admin_sock or bind(*cfg.admin)
             self.admin_port = admin_sock.getsockname()[1]
-        self.catalog.subscribe(self.clusters.update)
+        self.catalog.subscribe(self._catalog_changed)
         await self.catalog.start()
+        await self.policy.start()
         self.health.start()
         if self.register:
             record = GatewayRecord(
@@ -107,6 +135,10 @@ class Gateway:
             )  # fmt: skip
             self.heartbeat = HeartbeatClient(record, cfg.etcd, ttl=cfg.lease_ttl)
             await self.heartbeat.register(wait=0.5)
+            status_key = Keys(cfg.etcd.prefix).gateway_status(cfg.gateway_id)
+            status = self.policy.status(cfg.gateway_id, cfg.zone)
+            self.status_beat = HeartbeatClient(status, cfg.etcd, ttl=cfg.lease_ttl, key=status_key)
+            await self.status_beat.register(wait=0.5)
         proxy = _Server(
             uvicorn.Config(
                 self.app,
@@ -151,14 +183,16 @@ class Gateway:
             )
         finally:
             # Leave the mesh first so peers stop sending, then drain in-flight requests.
-            if self.heartbeat is not None:
-                await self.heartbeat.deregister()
+            for beat in (self.heartbeat, self.status_beat):
+                if beat is not None:
+                    await beat.deregister()
             for server in servers:
                 server.should_exit = True
             await asyncio.gather(*tasks, return_exceptions=True)
             evictor.cancel()
             await self.health.stop()
             await self.catalog.stop()
+            await self.policy.stop()
             self.clusters.close()
 
     async def worker_metrics(self) -> list[dict]:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import threading
 import time
+from typing import Any
 
 from registry.etcd import ETCD_ERRORS, Backoff, EtcdClient, EtcdSettings, close_quietly
 from registry.keys import Keys
@@ -22,10 +23,15 @@ DEFAULT_TTL = 10
 
 
 class HeartbeatClient:
-    """Registers ``record`` (an Instance or GatewayRecord) under a lease of ``ttl`` seconds while running."""
+    """Registers ``record`` (an Instance or GatewayRecord, or anything with ``to_json()`` under an explicit
+    ``key``) under a lease of ``ttl`` seconds while running."""
 
     def __init__(
-        self, record: Instance | GatewayRecord, settings: EtcdSettings | None = None, ttl: int = DEFAULT_TTL
+        self,
+        record: Instance | GatewayRecord | Any,
+        settings: EtcdSettings | None = None,
+        ttl: int = DEFAULT_TTL,
+        key: str | None = None,
     ) -> None:
         if not 1 <= ttl <= 3600:
             raise ValueError(f"ttl {ttl!r}: must be between 1 and 3600 seconds")
@@ -33,7 +39,9 @@ class HeartbeatClient:
         self.record = record
         self.ttl = ttl
         keys = Keys(self.settings.prefix)
-        if isinstance(record, Instance):
+        if key is not None:
+            self.key = key
+        elif isinstance(record, Instance):
             self.key = keys.instance(record.service, record.zone, record.id)
         else:
             self.key = keys.gateway(record.zone, record.id)
@@ -44,6 +52,7 @@ class HeartbeatClient:
         self._task: asyncio.Task[None] | None = None
         self._client: EtcdClient | None = None
         self._dirty = False
+        self._wake = asyncio.Event()
 
     @property
     def registered(self) -> bool:
@@ -64,10 +73,11 @@ class HeartbeatClient:
             )
         return self.registered
 
-    def update(self, record: Instance | GatewayRecord) -> None:
-        """Replace the stored value (same key); written on the next heartbeat."""
+    def update(self, record: Instance | GatewayRecord | Any) -> None:
+        """Replace the stored value (same key); written at once when registered."""
         self.record = record
         self._dirty = True
+        self._wake.set()
 
     async def deregister(self) -> None:
         """Stop heartbeating, delete the key and revoke the lease so gateways drain the instance at once."""
@@ -122,7 +132,12 @@ class HeartbeatClient:
                 last_ok = time.monotonic()
                 self.last_error = None
                 backoff.reset()
-                await asyncio.sleep(self.ttl / 3)
+                if not self._dirty:
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), self.ttl / 3)
+                    except TimeoutError:
+                        pass
+                self._wake.clear()
             except asyncio.CancelledError:
                 raise
             except ETCD_ERRORS as exc:
