@@ -112,16 +112,19 @@ class HeartbeatClient:
         backoff = Backoff(0.2, max(0.5, self.ttl / 3))
         attempt = 0
         last_ok = time.monotonic()
+        next_refresh = 0.0
         while True:
             if self._client is None:
                 self._client = self.settings.client(attempt)
             try:
                 if self.lease_id is None:
                     await self._grant_and_put(self._client)
-                elif self._dirty:
+                    next_refresh = time.monotonic() + self.ttl / 3
+                if self._dirty:
                     self._dirty = False
                     await self._client.put(self.key.encode(), self.record.to_json(), lease=self.lease_id)
-                else:
+                # Keep-alives are due every TTL/3 however often the value changes: a put does not renew a lease.
+                if time.monotonic() >= next_refresh:
                     reply = await asyncio.wait_for(
                         self._client.refresh_lease(self.lease_id), self.settings.timeout
                     )
@@ -129,12 +132,13 @@ class HeartbeatClient:
                         log.warning("heartbeat %s: lease %x expired; re-registering", self.key, self.lease_id)
                         self._lost_lease()
                         continue
+                    next_refresh = time.monotonic() + self.ttl / 3
                 last_ok = time.monotonic()
                 self.last_error = None
                 backoff.reset()
                 if not self._dirty:
                     try:
-                        await asyncio.wait_for(self._wake.wait(), self.ttl / 3)
+                        await asyncio.wait_for(self._wake.wait(), max(0.0, next_refresh - time.monotonic()))
                     except TimeoutError:
                         pass
                 self._wake.clear()

@@ -25,6 +25,8 @@ class Upstream:
         self.port = 0
         self.healthy = True
         self.hits = 0
+        self.fail_status: int | None = None
+        self.seen: list[dict] = []  # method, path and headers of /flaky and /echo requests
         self.runner: web.AppRunner | None = None
         self.heartbeats: list[HeartbeatClient] = []
 
@@ -32,6 +34,7 @@ class Upstream:
         app = web.Application(client_max_size=0)
         r = app.router
         r.add_route("*", "/echo{tail:.*}", self.echo)
+        r.add_route("*", "/flaky{tail:.*}", self.flaky)
         r.add_get("/bytes/{n}", self.stream_bytes)
         r.add_get("/sized/{n}", self.sized)
         r.add_post("/upload", self.upload)
@@ -72,9 +75,22 @@ class Upstream:
         if self.runner:
             await self.runner.cleanup()
 
+    async def flaky(self, request: web.Request) -> web.Response:
+        self.hits += 1
+        await request.read()
+        self.seen.append(
+            {"method": request.method, "path": request.raw_path, "headers": dict(request.headers)}
+        )
+        if self.fail_status:
+            return web.Response(status=self.fail_status, text=f"{self.name} failing")
+        return web.Response(text=self.name)
+
     async def echo(self, request: web.Request) -> web.Response:
         self.hits += 1
         body = await request.read()
+        self.seen.append(
+            {"method": request.method, "path": request.raw_path, "headers": dict(request.headers)}
+        )
         return web.json_response(
             {
                 "upstream": self.name,
@@ -197,6 +213,10 @@ class GatewayProc:
 
     async def catalog(self) -> dict:
         async with aiohttp.ClientSession() as s, s.get(f"{self.admin}/v1/catalog") as r:
+            return await r.json()
+
+    async def config(self) -> dict:
+        async with aiohttp.ClientSession() as s, s.get(f"{self.admin}/v1/config") as r:
             return await r.json()
 
     async def knows(self, service: str, count: int, zone: str | None = None) -> bool:

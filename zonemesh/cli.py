@@ -203,6 +203,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-access-log", dest="access_log", action="store_false")
     p.set_defaults(func=_cmd_gateway)
 
+    p = sub.add_parser("control", parents=[etcd], help="run the control plane (policy API)")
+    p.add_argument("--listen", default="127.0.0.1:9900", help="API HOST:PORT")
+    p.add_argument(
+        "--token-file", help="file holding the bearer token for writes (or env ZONEMESH_CONTROL_TOKEN)"
+    )
+    p.add_argument("--no-auth", action="store_true", help="accept writes without a token (development only)")
+    p.set_defaults(func=_cmd_control)
+
+    p = sub.add_parser("policy", parents=[etcd], help="apply, get or delete routes and traffic policy")
+    p.add_argument("--server", help="control plane URL (default: write straight to etcd)")
+    p.add_argument("--token", help="bearer token for the control plane (or env ZONEMESH_CONTROL_TOKEN)")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser, required=True)
+    v = verbs.add_parser("apply", help="create or update from YAML/JSON files (multi-document)")
+    v.add_argument("-f", "--filename", action="append", required=True, help="file or directory (repeatable)")
+    v.add_argument("--dry-run", action="store_true", help="validate and show a diff; change nothing")
+    v = verbs.add_parser("get", help="show policy documents")
+    v.add_argument("kind", nargs="?", choices=["routes", "route", "services", "service", "mesh"])
+    v.add_argument("name", nargs="?")
+    v.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
+    v = verbs.add_parser("delete", help="delete a policy document")
+    v.add_argument("kind", choices=["routes", "route", "services", "service", "mesh"])
+    v.add_argument("name", nargs="?")
+    p.set_defaults(func=_cmd_policy)
+
     p = sub.add_parser("up", help="run a local mesh: etcd, and the demo services")
     p.add_argument("--data-dir", default=".zonemesh", help="where etcd data and logs go")
     p.add_argument("--etcd-port", type=_port, default=2379, help="etcd client port (a free one if taken)")
@@ -399,6 +423,89 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         serve(config)
     except OSError as exc:
         raise CliError(f"--listen/--admin: cannot bind: {exc.strerror or exc}") from None
+    return 0
+
+
+def _cmd_control(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.config import parse_hostport
+    from gateway.listen import bind
+    from policy.api import make_control_app
+    from policy.store import PolicyStore
+
+    try:
+        host, port = parse_hostport(args.listen, "--listen")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    token = os.environ.get("ZONEMESH_CONTROL_TOKEN") or None
+    if args.token_file:
+        try:
+            with open(args.token_file) as fh:
+                token = fh.read().strip() or None
+        except OSError as exc:
+            raise CliError(f"--token-file: cannot read {args.token_file!r}: {exc.strerror}") from None
+    if token is None and not args.no_auth:
+        raise CliError(
+            "--token-file: a token is required for writes (or ZONEMESH_CONTROL_TOKEN, or --no-auth)"
+        )
+    settings = etcd_settings(args)
+    try:
+        sock = bind(host, port)
+    except OSError as exc:
+        raise CliError(f"--listen: cannot bind {args.listen}: {exc.strerror or exc}") from None
+    app = make_control_app(PolicyStore(settings), None if args.no_auth else token)
+    logging.getLogger("zonemesh.control").info("control plane on %s:%d", host, sock.getsockname()[1])
+    config = uvicorn.Config(app, loop="uvloop", http="httptools", log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+def _cmd_policy(args: argparse.Namespace) -> int:
+    from policy import commands
+    from policy.client import ApiBackend, BackendError, EtcdBackend
+    from policy.parse import PolicyError
+    from policy.store import RevisionMismatch
+    from registry.etcd import ETCD_ERRORS
+
+    prog = f"zonemesh policy {args.verb}"
+    try:
+        docs = commands.load_docs(args.filename) if args.verb == "apply" else None
+    except commands.CommandError as exc:
+        raise CliError(str(exc)) from None
+
+    async def run() -> str:
+        if args.server:
+            backend: Any = ApiBackend(args.server, args.token or os.environ.get("ZONEMESH_CONTROL_TOKEN"))
+        else:
+            backend = EtcdBackend(etcd_settings(args))
+        try:
+            if args.verb == "apply":
+                return "\n".join(await commands.apply(backend, docs or [], args.dry_run))
+            if args.verb == "get":
+                return await commands.get(backend, args.kind, args.name, args.output)
+            return await commands.delete(backend, args.kind, args.name)
+        finally:
+            await backend.close()
+
+    try:
+        print(asyncio.run(run()))
+    except commands.CommandError as exc:
+        raise CliError(str(exc)) from None
+    except PolicyError as exc:
+        raise CliError(f"rejected: {exc}") from None
+    except RevisionMismatch as exc:
+        print(f"{prog}: error: conflict: {exc} (someone changed it meanwhile; re-run)", file=sys.stderr)
+        return 1
+    except BackendError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except ETCD_ERRORS as exc:
+        print(f"{prog}: error: cannot reach {args.server or 'etcd'}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{prog}: error: cannot reach {args.server}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
