@@ -479,3 +479,49 @@ spec:
     assert res.returncode == 0 and await pm.store.get("Route", name) is None
     res = await asyncio.to_thread(run_cli, "policy", "--server", cp.url, "delete", "services", svc, env=env)
     assert res.returncode == 1 and "Bearer" in res.stderr
+
+
+async def test_zone_failover_off_keeps_traffic_local(pm: PolicyMesh) -> None:
+    svc = uid("s")
+    await pm.upstream(svc, "b", name="only-b")
+    assert (await request(f"{pm.a.url}/flaky", headers={"Host": f"{svc}.mesh"}))[0] == 200
+    await pm.put("Service", svc, {"zone_failover": False})
+    status, _, body = await request(f"{pm.a.url}/flaky", headers={"Host": f"{svc}.mesh"})
+    assert status == 503 and "in this zone" in json.loads(body)["message"]
+
+
+async def test_mesh_defaults_apply_under_service_policy(pm: PolicyMesh) -> None:
+    svc = uid("s")
+    bad = await pm.upstream(svc, name="bad")
+    await pm.upstream(svc, name="good")
+    bad.fail_status = 500
+    try:
+        await pm.put("Mesh", "mesh", {"defaults": {"retries": {"attempts": 3, "retry_on": ["5xx"]}}})
+        await pm.put("Service", svc, {"balancer": "round_robin"})  # sets no retries: the mesh default applies
+        for _ in range(10):
+            assert (await request(f"{pm.a.url}/flaky", headers={"Host": f"{svc}.mesh"}))[0] == 200
+    finally:
+        _, revision = await pm.store.put("Mesh", "mesh", {})
+        await pm.applied(revision)
+
+
+async def test_outlier_detection_from_service_policy(pm: PolicyMesh) -> None:
+    svc = uid("s")
+    bad = await pm.upstream(svc, name="bad")
+    bad.fail_status = 500
+    await pm.put("Service", svc, {"outlier_detection": {"consecutive_failures": 2, "base_ejection": "5s"},
+                                  "retries": {"attempts": 0}})  # fmt: skip
+    assert [(await request(f"{pm.a.url}/flaky", headers={"Host": f"{svc}.mesh"}))[0] for _ in range(3)] == [500, 500, 503]
+
+
+async def test_plain_etcdctl_yaml_route_is_applied(pm: PolicyMesh) -> None:
+    host = f"{uid('h')}.example.com"
+    name = uid("r")
+    pm.etcd.etcdctl("put", f"{pm.keys.policy}routes/{name}",
+                    f"match:\n  hosts: [{host}]\ndirect_response:\n  status: 203\n  body: from-etcdctl\n")  # fmt: skip
+    await wait_until(pm.a.config, 5, check=lambda d: name in d["policy"]["routes"])
+    status, _, body = await request(f"{pm.a.url}/", headers={"Host": host})
+    assert status == 203 and body == b"from-etcdctl"
+    pm.etcd.etcdctl("del", f"{pm.keys.policy}routes/{name}")
+    await wait_until(pm.a.config, 5, check=lambda d: name not in d["policy"]["routes"])
+    assert (await request(f"{pm.a.url}/", headers={"Host": host}))[0] == 404
