@@ -12,7 +12,7 @@ import yaml
 
 from policy.client import ApiBackend, EtcdBackend
 from policy.models import KINDS
-from policy.parse import PolicyError, validate
+from policy.parse import PolicyError, validate, yaml_problem
 from registry.keys import NAME_RE
 
 Backend = ApiBackend | EtcdBackend
@@ -52,9 +52,7 @@ def load_docs(paths: list[str]) -> list[Doc]:
         try:
             raw_docs = list(yaml.safe_load_all(f.read_text()))
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            problems.append(f"{f}{where}: not valid YAML: {getattr(exc, 'problem', exc)}")
+            problems.append(f"{f}: not valid YAML{yaml_problem(exc)}")
             continue
         for n, raw in enumerate(d for d in raw_docs if d is not None):
             where = f"{f} (document {n + 1})"

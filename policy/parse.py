@@ -32,10 +32,14 @@ def load_document(raw: bytes | str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise PolicyError([{"field": "", "message": f"not valid JSON or YAML{where}: {problem}"}]) from None
+        raise PolicyError([{"field": "", "message": f"not valid JSON or YAML{yaml_problem(exc)}"}]) from None
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """`` at line L column C: problem`` for a YAML error, one line."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+    return f"{where}: {getattr(exc, 'problem', None) or exc}"
 
 
 def validate(kind: str, data: Any) -> Strict:

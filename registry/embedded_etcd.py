@@ -27,6 +27,16 @@ def etcd_binary(name: str = "etcd") -> str:
     return str(path)
 
 
+_SETPRIV = shutil.which("setpriv")
+
+
+def die_with_parent(cmd: list[str]) -> list[str]:
+    """``cmd`` wrapped so the child gets SIGTERM when the process that started it dies (util-linux setpriv;
+    unchanged where it is missing). No etcd or service then outlives a supervisor or test run killed outright.
+    (A preexec_fn would do the same but makes subprocess fork() a threaded process, which gRPC can hang.)"""
+    return [_SETPRIV, "--pdeathsig", "TERM", "--", *cmd] if _SETPRIV else cmd
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago on ``host``."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from registry.embedded_etcd import EmbeddedEtcd
+from registry.embedded_etcd import EmbeddedEtcd, die_with_parent
 from registry.etcd import EtcdSettings
 
 
@@ -56,7 +56,7 @@ class Procs:
         path = os.path.join(self.dir, f"{len(self.procs)}.log")
         with open(path, "wb") as log:
             proc = subprocess.Popen(
-                list(args),
+                die_with_parent(list(args)),
                 env={**os.environ, **(env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -511,7 +511,11 @@ async def test_outlier_detection_from_service_policy(pm: PolicyMesh) -> None:
     bad.fail_status = 500
     await pm.put("Service", svc, {"outlier_detection": {"consecutive_failures": 2, "base_ejection": "5s"},
                                   "retries": {"attempts": 0}})  # fmt: skip
-    assert [(await request(f"{pm.a.url}/flaky", headers={"Host": f"{svc}.mesh"}))[0] for _ in range(3)] == [500, 500, 503]
+    assert [(await request(f"{pm.a.url}/flaky", headers={"Host": f"{svc}.mesh"}))[0] for _ in range(3)] == [
+        500,
+        500,
+        503,
+    ]
 
 
 async def test_plain_etcdctl_yaml_route_is_applied(pm: PolicyMesh) -> None:

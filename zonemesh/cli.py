@@ -227,11 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("name", nargs="?")
     p.set_defaults(func=_cmd_policy)
 
-    p = sub.add_parser("up", help="run a local mesh: etcd, and the demo services")
-    p.add_argument("--data-dir", default=".zonemesh", help="where etcd data and logs go")
-    p.add_argument("--etcd-port", type=_port, default=2379, help="etcd client port (a free one if taken)")
-    p.add_argument("--zones", default="a,b", help="comma-separated zones")
+    p = sub.add_parser("up", help="run a whole local mesh: etcd, control plane, gateways, example services")
+    p.add_argument("mesh", nargs="?", help="mesh file (default: examples/shop/mesh.yaml if present)")
+    p.add_argument("--data-dir", default=".zonemesh", help="etcd data, logs, token and state")
+    p.add_argument(
+        "--port-base",
+        type=_port,
+        default=8080,
+        help="gateways on BASE+i, control plane on BASE+1820, admins on BASE+1821+i (free ones if taken)",
+    )
+    p.add_argument("--free-ports", action="store_true", help="use free ports for everything (scripts, tests)")
+    p.add_argument("--detach", action="store_true", help="start in the background; stop with 'zonemesh down'")
+    p.add_argument("--supervise", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_up)
+
+    p = sub.add_parser("down", help="stop a mesh started with 'zonemesh up --detach'")
+    p.add_argument("--data-dir", default=".zonemesh")
+    p.set_defaults(func=_cmd_down)
 
     p = sub.add_parser("demo-service", parents=[etcd], help="run a demo HTTP service that self-registers")
     p.add_argument("--service", required=True, type=_name("service"))
@@ -510,9 +522,18 @@ def _cmd_policy(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from zonemesh.up import run_up
+    from zonemesh.up import UpError, run_up
 
-    return run_up(args)
+    try:
+        return run_up(args)
+    except UpError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    from zonemesh.up import run_down
+
+    return run_down(args)
 
 
 def _cmd_demo_service(args: argparse.Namespace) -> int:
