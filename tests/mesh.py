@@ -175,15 +175,22 @@ class GatewayProc:
     """A real ``zonemesh gateway`` process."""
 
     def __init__(
-        self, procs: Procs, settings: EtcdSettings, zone: str, *extra: str, access_log: bool = False
+        self,
+        procs: Procs,
+        settings: EtcdSettings,
+        zone: str,
+        *extra: str,
+        access_log: bool = False,
+        config_file: str | None = None,
     ) -> None:
         self.zone = zone
         self.procs = procs
         self.port = free_port()
         self.admin_port = free_port()
         log_flag = () if access_log else ("--no-access-log",)
+        pre = ("--config", config_file) if config_file else ()
         self.proc = procs.zonemesh(
-            "gateway", "--zone", zone, "--listen", f"127.0.0.1:{self.port}", "--admin",
+            *pre, "gateway", "--zone", zone, "--listen", f"127.0.0.1:{self.port}", "--admin",
             f"127.0.0.1:{self.admin_port}", *log_flag, *extra, env=settings.env(),
         )  # fmt: skip
 
