@@ -10,12 +10,13 @@ first gateway decides; the peer only delivers) -> upstream pool with retries and
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+import os
 import random
 import re
 import time
-import uuid
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -59,6 +60,13 @@ _WS_SKIP = HOP_BY_HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-w
 _STREAM_WATCH_AFTER = 16  # chunks: start watching for a client disconnect on long responses
 _MIRROR_BODY_MAX = 64 * 1024
 JSON_HEADERS = [(b"content-type", b"application/json")]
+_RID_PREFIX = os.urandom(8).hex()
+_rid_counter = itertools.count(1)
+
+
+def new_request_id() -> bytes:
+    """A request id unique across processes and restarts: random per process, then a counter (cheap)."""
+    return f"{_RID_PREFIX}{next(_rid_counter):016x}".encode()
 
 
 class GatewayError(Exception):
@@ -184,7 +192,7 @@ class ProxyApp:
             elif name == b"x-forwarded-for":
                 req.fwd_for = value
         if req.rid is None or not REQUEST_ID_RE.match(req.rid):
-            req.rid = uuid.uuid4().hex.encode()
+            req.rid = new_request_id()
         if req.clen is not None:
             if req.chunked:
                 raise GatewayError(
@@ -665,7 +673,7 @@ class ProxyApp:
         service: str = "", extra_headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:  # fmt: skip
         """Answer with the JSON error body every gateway error uses."""
-        rid = rid or uuid.uuid4().hex.encode()
+        rid = rid or new_request_id()
         body = json.dumps({"error": code, "message": message, "request_id": rid.decode()}).encode()
         headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode()), (b"x-request-id", rid)]
         if extra_headers:

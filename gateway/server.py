@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -175,6 +176,7 @@ class Gateway:
             servers.append(stats)
             tasks.append(asyncio.ensure_future(stats.serve()))
         evictor = asyncio.ensure_future(self._evict_idle())
+        tune_gc()
         log.info("gateway %s zone %s listening on %s:%d (admin %s)", cfg.gateway_id, cfg.zone, cfg.listen[0],
                  self.port, self.admin_port if self.serve_admin else "-")  # fmt: skip
         try:
@@ -217,6 +219,15 @@ class Gateway:
         while True:
             await asyncio.sleep(max(1.0, self.config.pool_idle_timeout / 4))
             self.clusters.evict_idle()
+
+
+def tune_gc() -> None:
+    """Move everything alive after start-up out of the collector's sight and collect young objects far less
+    often. Python's default (a gen-0 pass every 700 allocations) costs this proxy ~30% of its throughput and
+    adds tens of ms to p99; request objects are short-lived and acyclic, so little is lost by waiting."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def _version() -> str:

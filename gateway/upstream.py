@@ -209,11 +209,20 @@ class Connection(asyncio.Protocol):
 
     async def read_head(self, timeout: float | None) -> tuple[int, list[tuple[bytes, bytes]]]:
         """Wait for the response status and headers."""
-        assert self._head is not None
+        head = self._head
+        assert head is not None
+        if head.done():
+            return head.result()
+        timer = self._loop.call_later(timeout, self._head_timeout, head, timeout) if timeout else None
         try:
-            return await asyncio.wait_for(asyncio.shield(self._head), timeout)
-        except TimeoutError:
-            raise UpstreamTimeout(f"no response head within {timeout}s") from None
+            return await head
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _head_timeout(self, head: asyncio.Future, timeout: float) -> None:
+        if not head.done():
+            head.set_exception(UpstreamTimeout(f"no response head within {timeout}s"))
 
     @property
     def response_started(self) -> bool:

@@ -6,12 +6,11 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from gateway.proxy import _WS_SKIP, HOP_HEADER, REQUEST_ID_RE
+from gateway.proxy import _WS_SKIP, HOP_HEADER, REQUEST_ID_RE, new_request_id
 
 if TYPE_CHECKING:
     from gateway.proxy import ProxyApp
@@ -40,7 +39,7 @@ async def proxy_websocket(app: ProxyApp, scope: dict[str, Any], receive: Any, se
         if name not in _WS_SKIP and name != b"x-request-id":
             headers[name.decode("latin-1")] = value.decode("latin-1")
     if rid is None or not REQUEST_ID_RE.match(rid):
-        rid = uuid.uuid4().hex.encode()
+        rid = new_request_id()
     headers["x-request-id"] = rid.decode()
     raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
     query: bytes = scope.get("query_string", b"")
