@@ -125,9 +125,12 @@ def run_bundled(
     return LoadResult("bundled", len(lat), errs[0], elapsed, pct(0.5), pct(0.99), pct(0.999))
 
 
+FORCE_BUNDLED = False  # set by --load bundled
+
+
 def run_load(
     url_host: str, port: int, path: str, host_header: str, connections: int, seconds: float
 ) -> LoadResult:
-    if wrk_path():
+    if wrk_path() and not FORCE_BUNDLED:
         return run_wrk(f"http://{url_host}:{port}{path}", host_header, connections, seconds)
     return run_bundled(url_host, port, path, host_header, connections, seconds)

@@ -14,6 +14,42 @@ class _HeadersTooLarge(Exception):
     pass
 
 
+class HeadCoalescingTransport:
+    """Holds a response head (uvicorn writes it on its own) until the next write, so head and body go out in
+    one syscall; if no body write follows in the same loop step, the head is flushed on the next step.
+    Every other write, and everything else, goes straight to the real transport."""
+
+    __slots__ = ("_transport", "_loop", "_held")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held + data)
+        elif data.startswith(b"HTTP/1.1 ") and data.endswith(b"\r\n\r\n"):
+            self._held = data
+            self._loop.call_soon(self._flush)
+        else:
+            self._transport.write(data)
+
+    def _flush(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - everything else is the real transport's
+        return getattr(self._transport, name)
+
+
 class GatewayHttpProtocol(HttpToolsProtocol):
     """Set ``max_header_bytes`` and ``header_timeout`` on the class (see ``configured``)."""
 
@@ -29,7 +65,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         )
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(HeadCoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
         self._head_bytes = 0
         self._raw_head = 0
         self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(
