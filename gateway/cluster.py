@@ -104,6 +104,7 @@ class ClusterSet:
         self.gateways: dict[str, list[Endpoint]] = {}
         self.gateway_hosts: frozenset[str] = frozenset()
         self._by_key: dict[str, Endpoint] = {}
+        self.checked: list[Endpoint] = []  # endpoints with a health path, for the active checker
         self._balancers: dict[tuple[str, str, tuple[tuple[str, str], ...]], Balancer] = {}
         self.ejections_total = 0
         self.revision = 0
@@ -126,6 +127,7 @@ class ClusterSet:
                 ep.removed = True
                 ep.pool.close()
         self._by_key = seen
+        self.checked = [ep for ep in seen.values() if getattr(ep.record, "health_path", None)]
         self.services = services
         self.gateways = gateways
         self.gateway_hosts = frozenset(ep.host for eps in gateways.values() for ep in eps)

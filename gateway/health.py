@@ -10,7 +10,6 @@ import time
 import aiohttp
 
 from gateway.cluster import ClusterSet, Endpoint
-from registry.model import Instance
 
 log = logging.getLogger("zonemesh.gateway.health")
 TICK = 0.1
@@ -41,21 +40,24 @@ class HealthChecker:
         connector = aiohttp.TCPConnector(force_close=True, limit=0)
         async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
             while True:
-                now = time.monotonic()
-                table = self.clusters.table
-                for ep in self.clusters.endpoints():
-                    if (
-                        not isinstance(ep.record, Instance)
-                        or not ep.record.health_path
-                        or now < ep.next_check
-                    ):
-                        continue
-                    hc = table.service_policy(ep.service or "").health_check
-                    ep.next_check = now + hc.interval
-                    task = asyncio.ensure_future(self._check(session, ep, hc.timeout))
-                    self._running.add(task)
-                    task.add_done_callback(self._running.discard)
+                try:
+                    self._schedule(session)
+                except Exception:  # noqa: BLE001 - a bug here must not silently end health checking
+                    log.exception("health checker: scheduling failed; retrying")
                 await asyncio.sleep(TICK)
+
+    def _schedule(self, session: aiohttp.ClientSession) -> None:
+        """Start a check for every instance whose interval has passed."""
+        now = time.monotonic()
+        table = self.clusters.table
+        for ep in self.clusters.checked:
+            if now < ep.next_check:
+                continue
+            hc = table.service_policy(ep.service or "").health_check
+            ep.next_check = now + hc.interval
+            task = asyncio.ensure_future(self._check(session, ep, hc.timeout))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
 
     async def _check(self, session: aiohttp.ClientSession, ep: Endpoint, timeout: float) -> None:
         url = f"http://{ep.address}{ep.record.health_path}"  # type: ignore[union-attr]

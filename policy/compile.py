@@ -117,6 +117,7 @@ class RoutingTable:
     services: dict[str, ServicePolicy] = field(default_factory=dict)
     base: dict[str, Any] = field(default_factory=dict)
     revision: int = 0
+    needs_headers: bool = field(default=False, init=False)  # some route matches on headers (computed)
 
     def __post_init__(self) -> None:
         by_host: dict[str, list[CompiledRoute]] = {}
@@ -126,6 +127,7 @@ class RoutingTable:
         # Routes that may match any host not listed exactly (wildcards and host-less routes), in order.
         generic = tuple(r for r in self.routes if r.wildcards or not r.hosts)
         object.__setattr__(self, "_generic", generic)
+        object.__setattr__(self, "needs_headers", any(r.header_matchers for r in self.routes))
         object.__setattr__(
             self,
             "_by_host",
@@ -160,7 +162,3 @@ class RoutingTable:
     def service_policy(self, service: str) -> ServicePolicy:
         """Effective policy: built-in <- gateway flags <- mesh defaults <- the service's own."""
         return self._effective.get(service, self._default_policy)  # type: ignore[attr-defined]
-
-    @property
-    def needs_headers(self) -> bool:
-        return any(r.header_matchers for r in self.routes)

@@ -9,7 +9,7 @@ import re
 import secrets
 import socket
 import time
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -64,14 +64,42 @@ def _check_address(value: str) -> str:
     return value
 
 
-class Instance(_Record):
-    """One registered instance of a service (value of ``services/<service>/<zone>/<id>``)."""
+class _Dialable(_Record):
+    """What every dialable record has: an id, a zone and an address:port."""
+
+    _id_kind: ClassVar[str] = "id"
 
     id: str
-    service: str
     zone: str
     address: str
     port: int = Field(ge=1, le=65535)
+
+    @field_validator("zone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        return check_name("zone", v)
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        return check_id(cls._id_kind, v)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        return _check_address(v)
+
+    @property
+    def hostport(self) -> str:
+        return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+
+
+class Instance(_Dialable):
+    """One registered instance of a service (value of ``services/<service>/<zone>/<id>``)."""
+
+    _id_kind: ClassVar[str] = "instance id"
+
+    service: str
     tags: dict[str, str] = Field(default_factory=dict)
     weight: int = Field(100, ge=1, le=10_000)
     version: str = ""
@@ -84,21 +112,6 @@ class Instance(_Record):
     def _service(cls, v: str) -> str:
         return check_name("service", v)
 
-    @field_validator("zone")
-    @classmethod
-    def _zone(cls, v: str) -> str:
-        return check_name("zone", v)
-
-    @field_validator("id")
-    @classmethod
-    def _id(cls, v: str) -> str:
-        return check_id("instance id", v)
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, v: str) -> str:
-        return _check_address(v)
-
     @field_validator("health_path")
     @classmethod
     def _health_path(cls, v: str | None) -> str | None:
@@ -106,38 +119,13 @@ class Instance(_Record):
             raise ValueError("health_path must start with '/'")
         return v
 
-    @property
-    def hostport(self) -> str:
-        return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
 
-
-class GatewayRecord(_Record):
+class GatewayRecord(_Dialable):
     """One running zone gateway (value of ``gateways/<zone>/<id>``)."""
 
-    id: str
-    zone: str
-    address: str
-    port: int = Field(ge=1, le=65535)
+    _id_kind: ClassVar[str] = "gateway id"
+
     admin_port: int | None = Field(None, ge=1, le=65535)
     version: str = ""
     config_revision: int = 0
     started_at: float = Field(default_factory=time.time)
-
-    @field_validator("zone")
-    @classmethod
-    def _zone(cls, v: str) -> str:
-        return check_name("zone", v)
-
-    @field_validator("id")
-    @classmethod
-    def _id(cls, v: str) -> str:
-        return check_id("gateway id", v)
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, v: str) -> str:
-        return _check_address(v)
-
-    @property
-    def hostport(self) -> str:
-        return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"

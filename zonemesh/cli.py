@@ -295,7 +295,9 @@ def _load_config(argv: Sequence[str]) -> dict[str, Any]:
     except OSError as exc:
         raise CliError(f"--config: cannot read {path!r}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise CliError(f"--config: {path!r} is not valid YAML: {exc}") from None
+        from policy.parse import yaml_problem
+
+        raise CliError(f"--config: {path!r} is not valid YAML{yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise CliError(f"--config: {path!r} must hold a mapping of option names to values")
     return data
