@@ -453,6 +453,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     for offset, key, name in ((-0.25, "p50_ms", "p50"), (0, "p99_ms", "p99"), (0.25, "p999_ms", "p99.9")):
         ax.bar([x + offset for x in xs], [r[key] for r in rows], width=0.25, label=name)
     ax.set_xticks(list(xs), labels)
+    plt.setp(ax.get_xticklabels(), rotation=15, ha="right")
     ax.set_ylabel("latency (ms)")
     ax.set_title("100 B responses, 32 keep-alive connections")
     ax.legend()
