@@ -30,7 +30,12 @@ def make_admin_app(gw: Gateway) -> Starlette:
     async def readyz(_: Request) -> JSONResponse:
         if gw.catalog.ready and gw.policy.mirror.synced.is_set():
             return JSONResponse(
-                {"ready": True, "stale": gw.catalog.stale, "revision": gw.catalog.mirror.revision}
+                {
+                    "ready": True,
+                    "stale": gw.catalog.stale or gw.policy.mirror.stale,
+                    "from_snapshot": gw.catalog.mirror.from_snapshot or gw.policy.mirror.from_snapshot,
+                    "revision": gw.catalog.mirror.revision,
+                }
             )
         return JSONResponse(
             {"ready": False, "reason": "waiting for the first catalog and policy snapshots"}, status_code=503

@@ -57,7 +57,7 @@ class GatewayConfig:
     # Registration / observability.
     lease_ttl: int = 10
     access_log: bool = True
-    snapshot_file: str | None = None
+    snapshot_dir: str | None = None  # keep the last catalog/policy here; used when etcd is down at start
 
     def __post_init__(self) -> None:
         checks = [

@@ -33,7 +33,12 @@ class PolicyState:
     """Live policy for one gateway. ``table`` is replaced (never mutated) on every change."""
 
     def __init__(
-        self, settings: EtcdSettings, base: dict[str, Any], known_services: Callable[[], set[str]]
+        self,
+        settings: EtcdSettings,
+        base: dict[str, Any],
+        known_services: Callable[[], set[str]],
+        snapshot_path: str | None = None,
+        snapshot_write: bool = True,
     ) -> None:
         self.keys = Keys(settings.prefix)
         self.base = base
@@ -46,7 +51,9 @@ class PolicyState:
         self.applied_at: float | None = None
         self.table = RoutingTable(base=base)
         self._subscribers: list[Callable[[RoutingTable], Any]] = []
-        self.mirror = PrefixMirror(settings, [self.keys.policy], self._apply, "policy")
+        self.mirror = PrefixMirror(
+            settings, [self.keys.policy], self._apply, "policy", snapshot_path, snapshot_write=snapshot_write
+        )
 
     def subscribe(self, callback: Callable[[RoutingTable], Any]) -> None:
         self._subscribers.append(callback)

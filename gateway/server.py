@@ -55,15 +55,17 @@ class Gateway:
         self.config = config
         self.stats_socket = stats_socket  # extra workers: where we export metrics for worker 0
         self.worker_sockets = worker_sockets  # worker 0: the other workers' stats sockets
-        self.catalog = Catalog(config.etcd)
+        snap = config.snapshot_dir
+        self.catalog = Catalog(config.etcd, f"{snap}/catalog.json" if snap else None, snapshot_write=register)
         self.stats = PoolStats()
         self.clusters = ClusterSet(config, self.stats)
         self.metrics = Metrics()
         self.app = ProxyApp(config, self.clusters, self.metrics)
         self.health = HealthChecker(self.clusters)
         self.policy = PolicyState(
-            config.etcd, base_policy(config), lambda: set(self.catalog.snapshot.services)
-        )
+            config.etcd, base_policy(config), lambda: set(self.catalog.snapshot.services),
+            f"{snap}/policy.json" if snap else None, snapshot_write=register,
+        )  # fmt: skip
         self.policy.subscribe(self._policy_changed)
         self.status_beat: HeartbeatClient | None = None
         self._service_names: frozenset[str] = frozenset()

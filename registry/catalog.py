@@ -46,7 +46,9 @@ Subscriber = Callable[[Snapshot], Any]
 class Catalog:
     """Snapshot + watch of ``services/`` and ``gateways/``; invalid values are skipped with a logged reason."""
 
-    def __init__(self, settings: EtcdSettings) -> None:
+    def __init__(
+        self, settings: EtcdSettings, snapshot_path: str | None = None, snapshot_write: bool = True
+    ) -> None:
         self.keys = Keys(settings.prefix)
         self._instances: dict[str, Instance] = {}
         self._gateways: dict[str, GatewayRecord] = {}
@@ -54,7 +56,10 @@ class Catalog:
         self.snapshot = Snapshot()
         self._subscribers: list[Subscriber] = []
         self._dirty_extra: set[str] = set()
-        self.mirror = PrefixMirror(settings, [self.keys.services, self.keys.gateways], self._apply, "catalog")
+        self.mirror = PrefixMirror(
+            settings, [self.keys.services, self.keys.gateways], self._apply, "catalog", snapshot_path,
+            snapshot_write=snapshot_write,
+        )  # fmt: skip
 
     @property
     def stale(self) -> bool:

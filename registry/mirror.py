@@ -8,9 +8,12 @@ when that history was compacted away it takes a full new snapshot. While etcd is
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import aetcd
 
@@ -25,8 +28,23 @@ ApplyFn = Callable[[dict[str, bytes | None], bool, int], None]
 class PrefixMirror:
     """Keeps ``apply`` fed with every change under ``prefixes``."""
 
-    def __init__(self, settings: EtcdSettings, prefixes: Sequence[str], apply: ApplyFn, name: str) -> None:
+    def __init__(
+        self,
+        settings: EtcdSettings,
+        prefixes: Sequence[str],
+        apply: ApplyFn,
+        name: str,
+        snapshot_path: str | Path | None = None,
+        snapshot_grace: float = 2.0,
+        snapshot_write: bool = True,
+    ) -> None:
         self.settings = settings
+        self.snapshot_path = Path(snapshot_path) if snapshot_path else None
+        self.snapshot_grace = snapshot_grace
+        self.snapshot_write = snapshot_write  # False: only load it (extra workers of one gateway)
+        self.from_snapshot = False  # serving what was saved on disk, etcd not reached since start
+        self._raw: dict[str, bytes] = {}
+        self._save_handle: asyncio.TimerHandle | None = None
         self.prefixes = list(prefixes)
         self.name = name
         self._apply = apply
@@ -42,7 +60,58 @@ class PrefixMirror:
 
     async def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"mirror-{self.name}")
+            loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self._run(), name=f"mirror-{self.name}")
+            if self.snapshot_path is not None and self.snapshot_path.exists():
+                loop.call_later(self.snapshot_grace, self._load_snapshot_if_unsynced)
+
+    # --- the on-disk snapshot (DESIGN: a gateway restarted during an etcd outage still routes) ------------
+    def _record(self, changes: dict[str, bytes | None], full: bool) -> None:
+        if self.snapshot_path is None or not self.snapshot_write:
+            return
+        if full:
+            self._raw = {k: v for k, v in changes.items() if v is not None}
+        else:
+            for key, value in changes.items():
+                if value is None:
+                    self._raw.pop(key, None)
+                else:
+                    self._raw[key] = value
+        if self._save_handle is None:  # at most one write a second
+            self._save_handle = asyncio.get_running_loop().call_later(1.0, self._save)
+
+    def _save(self) -> None:
+        self._save_handle = None
+        assert self.snapshot_path is not None
+        data = {"revision": self.revision, "saved_at": time.time(),
+                "items": {k: base64.b64encode(v).decode() for k, v in self._raw.items()}}  # fmt: skip
+        try:
+            self.snapshot_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.snapshot_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data))
+            tmp.replace(self.snapshot_path)
+        except OSError as exc:
+            log.warning("%s mirror: cannot save snapshot to %s: %s", self.name, self.snapshot_path, exc)
+
+    def _load_snapshot_if_unsynced(self) -> None:
+        if self.synced.is_set() or self.snapshot_path is None:
+            return
+        try:
+            data = json.loads(self.snapshot_path.read_text())
+            items = {k: base64.b64decode(v) for k, v in data["items"].items()}
+            revision = int(data["revision"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error(
+                "%s mirror: snapshot %s unreadable (%s); waiting for etcd", self.name, self.snapshot_path, exc
+            )
+            return
+        self._apply(items, True, revision)
+        self.revision = revision
+        self.from_snapshot = True
+        self.synced.set()
+        age = time.time() - float(data.get("saved_at", time.time()))
+        log.error("%s mirror: etcd unreachable at start; serving the snapshot saved %.0fs ago at revision %d "
+                  "(%d keys) from %s until etcd answers", self.name, age, revision, len(items), self.snapshot_path)  # fmt: skip
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -108,8 +177,11 @@ class PrefixMirror:
         revision, items = await asyncio.wait_for(
             client.range_prefixes(self.prefixes), self.settings.timeout * 4
         )
-        self._apply(dict(items), True, revision)
+        changes: dict[str, bytes | None] = dict(items)
+        self._apply(changes, True, revision)
         self.revision = revision
+        self._record(changes, True)
+        self.from_snapshot = False
         self.full_syncs += 1
         log.info("%s mirror: snapshot at revision %d (%d keys)", self.name, revision, len(items))
 
@@ -118,7 +190,9 @@ class PrefixMirror:
         await asyncio.wait_for(client.check_revision(self.prefixes[0], self.revision), self.settings.timeout)
         async for rev, changes in client.watch_prefixes(self.prefixes, self.revision + 1):
             if changes:
-                self._apply(dict(changes), False, rev)  # later events for a key win: dict keeps the last
+                batch = dict(changes)  # later events for a key win: a dict keeps the last
+                self._apply(batch, False, rev)
+                self._record(batch, False)
             self.revision = max(self.revision, rev)
             if not self.synced.is_set() or self.stale:
                 self._mark_fresh()

@@ -542,3 +542,44 @@ async def test_etcd_outage_keeps_traffic_flowing_and_access_log_is_json(tmp_path
     assert len(hits) == 5
     assert hits[0]["status"] == 200 and hits[0]["service"] == "steady" and hits[0]["upstream_zone"] == "a"
     assert hits[0]["method"] == "GET" and hits[0]["duration_ms"] > 0
+
+
+async def test_restart_during_etcd_outage_serves_the_disk_snapshot(tmp_path, procs: Procs) -> None:
+    server = EmbeddedEtcd(tmp_path / "etcd")
+    server.start()
+    settings = EtcdSettings(endpoints=(server.endpoint,))
+    snapdir = tmp_path / "snap"
+    up = await Upstream("survivor").start()
+    try:
+        await up.register(settings, "steady", "a", ttl=30)
+        from policy.store import PolicyStore
+
+        store = PolicyStore(settings)
+        await store.put("Route", "hello", {"match": {"hosts": ["hello.example.com"]},
+                                           "direct_response": {"status": 200, "body": "from policy"}})  # fmt: skip
+        await store.close()
+        gw = await GatewayProc(procs, settings, "a", "--snapshot-dir", str(snapdir)).ready()
+        await wait_for_known(gw, "steady", 1)
+        await wait_for_async(lambda: asyncio.sleep(0, (snapdir / "catalog.json").exists()
+                                                   and (snapdir / "policy.json").exists()), True, 5)  # fmt: skip
+        await asyncio.sleep(1.2)  # snapshots are written at most once a second
+        gw.proc.send_signal(signal.SIGTERM)
+        gw.proc.wait(10)
+        server.stop(kill=True)
+        # A fresh gateway while etcd is down: after the grace period it serves the snapshot, and says so.
+        gw2 = await GatewayProc(procs, settings, "a", "--snapshot-dir", str(snapdir)).ready(timeout=15)
+        async with aiohttp.ClientSession() as s, s.get(f"{gw2.admin}/readyz") as r:
+            ready = await r.json()
+        assert ready["stale"] is True and ready["from_snapshot"] is True
+        status, _, body = await get(f"{gw2.url}/echo", host="steady.mesh")
+        assert status == 200 and json.loads(body)["upstream"] == "survivor"
+        status, _, body = await get(f"{gw2.url}/", host="hello.example.com")
+        assert status == 200 and body == b"from policy"
+        server.start()
+        await wait_for_async(lambda: gw2.catalog(), None, 10, check=lambda d: not d["stale"])
+        async with aiohttp.ClientSession() as s, s.get(f"{gw2.admin}/readyz") as r:
+            final = await r.json()
+            assert final["from_snapshot"] is False, final
+    finally:
+        await up.stop()
+        server.cleanup()

@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outlier-base-ejection", type=_positive(float), default=30.0)
     p.add_argument("--lease-ttl", type=_positive(int), default=10)
     p.add_argument("--no-access-log", dest="access_log", action="store_false")
+    p.add_argument(
+        "--snapshot-dir", help="save the last catalog and policy here; serve them if etcd is down at start"
+    )
     p.set_defaults(func=_cmd_gateway)
 
     p = sub.add_parser("control", parents=[etcd], help="run the control plane (policy API)")
@@ -425,7 +428,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
             max_body_bytes=args.max_body_bytes, hc_interval=args.hc_interval, hc_timeout=args.hc_timeout,
             hc_healthy=args.hc_healthy, hc_unhealthy=args.hc_unhealthy,
             outlier_consecutive=args.outlier_consecutive, outlier_base_ejection=args.outlier_base_ejection,
-            lease_ttl=args.lease_ttl, access_log=args.access_log,
+            lease_ttl=args.lease_ttl, access_log=args.access_log, snapshot_dir=args.snapshot_dir,
         )  # fmt: skip
         if args.id:
             config.gateway_id = args.id
