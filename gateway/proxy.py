@@ -412,6 +412,12 @@ class ProxyApp:
             self.metrics.errors["retries"] += 1
             return True
 
+        def failed(ep: Endpoint, exc: UpstreamError) -> UpstreamError:
+            """An attempt failed: passive health learns it, and retries go elsewhere."""
+            self.clusters.report(ep, False)
+            tried.append(ep)
+            return exc
+
         try:
             while True:
                 ep = self.pick(service, tried, local_only, hash_key, subset)
@@ -448,9 +454,7 @@ class ProxyApp:
                     try:
                         conn, reused = await ep.pool.acquire()
                     except ConnectFailed as exc:
-                        self.clusters.report(ep, False)
-                        tried.append(ep)
-                        last_error = exc
+                        last_error = failed(ep, exc)
                         if may_retry("connect-failure"):
                             continue
                         return await self.error(
@@ -471,9 +475,7 @@ class ProxyApp:
                         conn = None
                         if reused and not body_started:
                             continue  # a kept-alive connection the upstream had closed: retry on a fresh one
-                        self.clusters.report(ep, False)
-                        tried.append(ep)
-                        last_error = exc
+                        last_error = failed(ep, exc)
                         if may_retry("reset"):
                             continue
                         return await self.error(
@@ -482,9 +484,7 @@ class ProxyApp:
                     except UpstreamTimeout as exc:
                         conn.close()
                         conn = None
-                        self.clusters.report(ep, False)
-                        tried.append(ep)
-                        last_error = exc
+                        last_error = failed(ep, exc)
                         if may_retry("5xx") or may_retry("gateway-error"):
                             continue
                         return await self.error(

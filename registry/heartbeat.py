@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any
 
+from registry.aio import cancel_and_wait
 from registry.etcd import ETCD_ERRORS, Backoff, EtcdClient, EtcdSettings, close_quietly
 from registry.keys import Keys
 from registry.model import GatewayRecord, Instance
@@ -81,13 +82,8 @@ class HeartbeatClient:
 
     async def deregister(self) -> None:
         """Stop heartbeating, delete the key and revoke the lease so gateways drain the instance at once."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         client, self._client = self._client, None
         if self.lease_id is not None:
             client = client or self.settings.client()

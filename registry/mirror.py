@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aetcd
 
+from registry.aio import cancel_and_wait
 from registry.etcd import ETCD_ERRORS, Backoff, EtcdClient, EtcdSettings, close_quietly
 
 log = logging.getLogger("zonemesh.mirror")
@@ -114,13 +115,8 @@ class PrefixMirror:
                   "(%d keys) from %s until etcd answers", self.name, age, revision, len(items), self.snapshot_path)  # fmt: skip
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await close_quietly(self._client)
         self._client = None
 
