@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -54,6 +55,7 @@ class EmbeddedEtcd:
         peer_port: int | None = None,
         host: str = "127.0.0.1",
         log_path: str | Path | None = None,
+        tls_dir: str | Path | None = None,
     ) -> None:
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="zonemesh-etcd-"))
@@ -62,6 +64,9 @@ class EmbeddedEtcd:
         self.peer_port = peer_port or free_port(host)
         self.log_path = Path(log_path) if log_path else self.data_dir / "etcd.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        # tls_dir holds ca.crt, server.crt/.key (served) and client.crt/.key (required of clients).
+        self.tls_dir = Path(tls_dir) if tls_dir else None
+        self.scheme = "https" if self.tls_dir else "http"
 
     @property
     def endpoint(self) -> str:
@@ -70,7 +75,7 @@ class EmbeddedEtcd:
     def start(self, timeout: float = 20.0) -> EmbeddedEtcd:
         """Start etcd and wait until it answers its health endpoint."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        client_url = f"http://{self.host}:{self.client_port}"
+        client_url = f"{self.scheme}://{self.host}:{self.client_port}"
         peer_url = f"http://{self.host}:{self.peer_port}"
         cmd = [
             etcd_binary(),
@@ -84,6 +89,10 @@ class EmbeddedEtcd:
             "--log-level", "warn",
             "--logger", "zap",
         ]  # fmt: skip
+        if self.tls_dir:
+            t = self.tls_dir
+            cmd += [f"--cert-file={t / 'server.crt'}", f"--key-file={t / 'server.key'}", "--client-cert-auth",
+                    f"--trusted-ca-file={t / 'ca.crt'}"]  # fmt: skip
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed with it
         self.proc = subprocess.Popen(
             cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
@@ -100,9 +109,15 @@ class EmbeddedEtcd:
         raise TimeoutError(f"etcd did not become healthy within {timeout}s; see {self.log_path}")
 
     def healthy(self) -> bool:
+        context = None
+        if self.tls_dir:
+            context = ssl.create_default_context(cafile=str(self.tls_dir / "ca.crt"))
+            context.load_cert_chain(self.tls_dir / "client.crt", self.tls_dir / "client.key")
         try:
-            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1) as resp:
-                return b'"true"' in resp.read()
+            with urllib.request.urlopen(
+                f"{self.scheme}://{self.endpoint}/health", timeout=1, context=context
+            ) as r:
+                return b'"true"' in r.read()
         except OSError:
             return False
 
@@ -134,12 +149,18 @@ class EmbeddedEtcd:
     ) -> subprocess.CompletedProcess[bytes]:
         """Run the real etcdctl against this etcd."""
         return subprocess.run(
-            [etcd_binary("etcdctl"), f"--endpoints={self.endpoint}", *args],
+            [etcd_binary("etcdctl"), f"--endpoints={self.scheme}://{self.endpoint}", *self._ctl_tls(), *args],
             input=input,
             capture_output=True,
             check=check,
             timeout=30,
         )
+
+    def _ctl_tls(self) -> list[str]:
+        if not self.tls_dir:
+            return []
+        t = self.tls_dir
+        return [f"--cacert={t / 'ca.crt'}", f"--cert={t / 'client.crt'}", f"--key={t / 'client.key'}"]
 
     def __enter__(self) -> EmbeddedEtcd:
         return self.start()
