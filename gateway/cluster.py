@@ -157,9 +157,6 @@ class ClusterSet:
             if old.service_policy(key[0]).balancer != table.service_policy(key[0]).balancer:
                 del self._balancers[key]
 
-    def endpoints(self) -> list[Endpoint]:
-        return list(self._by_key.values())
-
     # --- picking ----------------------------------------------------------------------------------------
     def known(self, service: str) -> bool:
         return service in self.services

@@ -6,7 +6,7 @@ import asyncio
 import os
 import random
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aetcd
 import grpc
@@ -47,7 +47,6 @@ class EtcdSettings:
     password: str | None = None
     prefix: str = DEFAULT_PREFIX
     timeout: float = RPC_TIMEOUT
-    _tls: tuple[bytes | None, bytes | None, bytes | None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         eps = tuple(_normalise_endpoint(e) for e in self.endpoints if e.strip())
