@@ -95,7 +95,7 @@ class EmbeddedEtcd:
                     f"--trusted-ca-file={t / 'ca.crt'}"]  # fmt: skip
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed with it
         self.proc = subprocess.Popen(
-            cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+            die_with_parent(cmd), stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
         )
         log.close()
         deadline = time.monotonic() + timeout

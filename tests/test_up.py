@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from registry.embedded_etcd import die_with_parent
 from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,7 +75,8 @@ async def _shop_traffic(state: dict) -> None:
 async def test_up_runs_the_shop_and_stops_cleanly(tmp_path: Path) -> None:
     data_dir = tmp_path / "mesh"
     log = open(tmp_path / "up.out", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "zonemesh.cli", "up", "--free-ports", "--data-dir", str(data_dir)],
+    cmd = [sys.executable, "-m", "zonemesh.cli", "up", "--free-ports", "--data-dir", str(data_dir)]
+    proc = subprocess.Popen(die_with_parent(cmd),
                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
     try:
         state = _wait_state(data_dir, proc)
