@@ -32,7 +32,7 @@ def haproxy_bin() -> str | None:
     )
 
 
-NGINX_UPSTREAM = """
+NGINX = """
 worker_processes 1;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
@@ -42,25 +42,20 @@ http {{
   keepalive_requests 1000000;
   client_body_temp_path {dir}/tmp; proxy_temp_path {dir}/tmp; fastcgi_temp_path {dir}/tmp;
   uwsgi_temp_path {dir}/tmp; scgi_temp_path {dir}/tmp;
+{http}
+}}
+"""
+
+NGINX_UPSTREAM = """
   server {{
     listen 127.0.0.1:{port} reuseport backlog=4096;
     location = /small {{ default_type text/plain; return 200 '{small}'; }}
     location = /big {{ default_type application/octet-stream; alias {dir}/big.bin; }}
     location / {{ default_type text/plain; return 200 '{small}'; }}
   }}
-}}
 """
 
 NGINX_PROXY = """
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path {dir}/tmp; proxy_temp_path {dir}/tmp; fastcgi_temp_path {dir}/tmp;
-  uwsgi_temp_path {dir}/tmp; scgi_temp_path {dir}/tmp;
   upstream backend {{ server 127.0.0.1:{upstream}; keepalive 512; }}
   server {{
     listen 127.0.0.1:{port} reuseport backlog=4096;
@@ -72,7 +67,6 @@ http {{
       proxy_buffering on;
     }}
   }}
-}}
 """
 
 HAPROXY = """
@@ -118,10 +112,10 @@ def start_nginx(workdir: Path, port: int, upstream: int | None) -> Proc:
     (workdir / "tmp").mkdir(exist_ok=True)
     (workdir / "big.bin").write_bytes(b"y" * 65536)
     if upstream is None:
-        conf = NGINX_UPSTREAM.format(dir=workdir, port=port, small="x" * 100)
+        http = NGINX_UPSTREAM.format(dir=workdir, port=port, small="x" * 100)
     else:
-        conf = NGINX_PROXY.format(dir=workdir, port=port, upstream=upstream)
-    (workdir / "nginx.conf").write_text(conf)
+        http = NGINX_PROXY.format(port=port, upstream=upstream)
+    (workdir / "nginx.conf").write_text(NGINX.format(dir=workdir, http=http.strip("\n")))
     p = Proc("nginx", [nginx_bin() or "nginx", "-c", str(workdir / "nginx.conf"), "-p", str(workdir),
                        "-g", "daemon off;"], cores=None if upstream is None else PROXY_CORES)  # fmt: skip
     time.sleep(0.3)

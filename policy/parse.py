@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -33,6 +34,19 @@ def load_document(raw: bytes | str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise PolicyError([{"field": "", "message": f"not valid JSON or YAML{yaml_problem(exc)}"}]) from None
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (an empty file is an empty one); ValueError says what is wrong."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ValueError(f"cannot read it: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"not valid YAML{yaml_problem(exc)}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a mapping, got {type(data).__name__}")
+    return data
 
 
 def yaml_problem(exc: yaml.YAMLError) -> str:

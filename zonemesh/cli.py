@@ -15,8 +15,6 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-import yaml
-
 from registry.etcd import EtcdSettings
 from registry.keys import check_id, check_name
 
@@ -292,18 +290,12 @@ def _load_config(argv: Sequence[str]) -> dict[str, Any]:
     path = known.config or os.environ.get("ZONEMESH_CONFIG")
     if not path:
         return {}
-    try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
-    except OSError as exc:
-        raise CliError(f"--config: cannot read {path!r}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        from policy.parse import yaml_problem
+    from policy.parse import read_yaml_mapping
 
-        raise CliError(f"--config: {path!r} is not valid YAML{yaml_problem(exc)}") from None
-    if not isinstance(data, dict):
-        raise CliError(f"--config: {path!r} must hold a mapping of option names to values")
-    return data
+    try:
+        return read_yaml_mapping(path)
+    except ValueError as exc:
+        raise CliError(f"--config: {path!r}: {exc} (option names to values)") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,9 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from policy.parse import yaml_problem
+from policy.parse import read_yaml_mapping
 from registry.embedded_etcd import EmbeddedEtcd, die_with_parent, free_port
 from registry.etcd import EtcdSettings
 
@@ -77,13 +75,9 @@ def load_mesh(path: Path | None) -> MeshSpec:
             ["curl -s -H 'Host: hello.mesh' {gateway_a}/", "zonemesh status --etcd {etcd}"],
         )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise UpError(f"mesh file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise UpError(f"mesh file {path}: not valid YAML{yaml_problem(exc)}") from None
-    if not isinstance(data, dict):
-        raise UpError(f"mesh file {path}: expected a mapping with zones, services, policy")
+        data = read_yaml_mapping(path)
+    except ValueError as exc:
+        raise UpError(f"mesh file {path}: {exc} (zones, services, policy)") from None
     zones = data.get("zones") or ["a", "b"]
     services = []
     for n, raw in enumerate(data.get("services") or []):
