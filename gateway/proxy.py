@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl
 
 from gateway.cluster import ClusterSet, Endpoint
 from gateway.config import GatewayConfig
+from gateway.downstream import ClientGone, Exchange
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter, retry_after_header
 from gateway.upstream import (
@@ -57,7 +58,6 @@ _REQUEST_SKIP = HOP_BY_HOP | {
 REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _WS_SKIP = HOP_BY_HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
                          b"sec-websocket-protocol"}  # fmt: skip
-_STREAM_WATCH_AFTER = 16  # chunks: start watching for a client disconnect on long responses
 _MIRROR_BODY_MAX = 64 * 1024
 JSON_HEADERS = [(b"content-type", b"application/json")]
 _RID_PREFIX = os.urandom(8).hex()
@@ -84,12 +84,31 @@ class _Request:
     """What the proxy learned from a request's head, in one pass over its headers."""
 
     __slots__ = (
-        "scope", "start", "method", "raw_path", "query", "host", "rid", "clen", "chunked", "hopped", "hop_service",
-        "hop_subset", "conn_tokens", "fwd_for", "client_ip", "body_len",
+        "ex", "headers", "start", "method", "raw_path", "query", "host", "rid", "clen", "chunked", "hopped",
+        "hop_service", "hop_subset", "conn_tokens", "fwd_for", "client_ip", "scheme", "body_len",
     )  # fmt: skip
 
+    def __init__(self, method: str, raw_path: bytes, query: bytes, headers: list[tuple[bytes, bytes]],
+                 client_ip: str, scheme: str = "http", ex: Exchange | None = None) -> None:  # fmt: skip
+        self.ex = ex
+        self.start = time.perf_counter()
+        self.method = method
+        self.raw_path = raw_path
+        self.query = query
+        self.headers = headers
+        self.client_ip = client_ip
+        self.scheme = scheme
+        self.host = b""
+        self.rid = b""
+        self.clen: bytes | None = None
+        self.chunked = self.hopped = False
+        self.hop_service = self.hop_subset = None
+        self.conn_tokens: set[bytes] | None = None
+        self.fwd_for: bytes | None = None
+        self.body_len = 0
+
     def header(self, name: bytes) -> bytes | None:
-        for n, v in self.scope["headers"]:
+        for n, v in self.headers:
             if n == name:
                 return v
         return None
@@ -111,10 +130,9 @@ class ProxyApp:
         self._background: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """ASGI, for what the HTTP protocol hands over: WebSocket upgrades (HTTP goes to ``handle``)."""
         kind = scope["type"]
-        if kind == "http":
-            await self.http(scope, receive, send)
-        elif kind == "websocket":
+        if kind == "websocket":
             from gateway.websocket import proxy_websocket
 
             await proxy_websocket(self, scope, receive, send)
@@ -154,27 +172,13 @@ class ProxyApp:
             ep = self.clusters.pick_remote(service, tried, subset)
         return ep
 
-    def _parse(self, scope: dict[str, Any]) -> _Request:
-        req = _Request()
-        req.scope = scope
-        req.start = time.perf_counter()
-        req.method = scope["method"]
-        req.raw_path = scope.get("raw_path") or scope["path"].encode()
-        req.query = scope.get("query_string", b"")
-        req.host = b""
-        req.rid = None
-        req.clen = None
-        req.chunked = req.hopped = False
-        req.hop_service = req.hop_subset = None
-        req.conn_tokens = None
-        req.fwd_for = None
-        client = scope.get("client")
-        req.client_ip = client[0] if client else ""
-        for name, value in scope["headers"]:
+    def _parse(self, req: _Request) -> None:
+        rid = None
+        for name, value in req.headers:
             if name == b"host":
                 req.host = value
             elif name == b"x-request-id":
-                req.rid = value
+                rid = value
             elif name == b"content-length":
                 if req.clen is not None and req.clen != value:
                     raise GatewayError(400, "bad_request", "conflicting Content-Length")
@@ -191,8 +195,7 @@ class ProxyApp:
                 req.hop_subset = value
             elif name == b"x-forwarded-for":
                 req.fwd_for = value
-        if req.rid is None or not REQUEST_ID_RE.match(req.rid):
-            req.rid = new_request_id()
+        req.rid = rid if rid is not None and REQUEST_ID_RE.match(rid) else new_request_id()
         if req.clen is not None:
             if req.chunked:
                 raise GatewayError(
@@ -201,21 +204,22 @@ class ProxyApp:
             if not req.clen.isdigit():
                 raise GatewayError(400, "bad_request", "invalid Content-Length")
             req.body_len = int(req.clen)
-        else:
-            req.body_len = -1 if req.chunked else 0
+        elif req.chunked:
+            req.body_len = -1
         limit = self.config.max_body_bytes
         if limit is not None and req.body_len > limit:
             raise GatewayError(
                 413, "payload_too_large", f"request body of {req.body_len} bytes exceeds the limit of {limit}"
             )
-        return req
 
     # --- HTTP -------------------------------------------------------------------------------------------
-    async def http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def handle(self, ex: Exchange) -> None:
+        """Serve one client request (the HTTP protocol's handler)."""
+        req = _Request(ex.method, ex.raw_path, ex.query, ex.headers, ex.client_ip, ex.scheme, ex)
         try:
-            req = self._parse(scope)
+            self._parse(req)
         except GatewayError as exc:
-            return await self.error(send, scope, time.perf_counter(), b"", exc.status, exc.code, exc.message)
+            return self.error(req, exc.status, exc.code, exc.message)
         table = self.clusters.table
         trusted_hop = req.hopped and req.client_ip in self.clusters.gateway_hosts
         route: CompiledRoute | None = None
@@ -228,10 +232,10 @@ class ProxyApp:
         else:
             if table.routes:
                 route = table.match(req.method, _host_name(req.host), req.raw_path.decode("latin-1"),
-                                    _headers_dict(scope) if table.needs_headers else {},
+                                    _headers_dict(req.headers) if table.needs_headers else {},
                                     _query_dict(req.query) if req.query else None)  # fmt: skip
             if route is not None:
-                answered = await self._route_filters(route, req, send)
+                answered = await self._route_filters(route, req)
                 if answered:
                     return
                 dest = route.pick_destination()
@@ -241,18 +245,16 @@ class ProxyApp:
                 routed = self.route(req.host, req.raw_path)
                 if routed is None:
                     host_s, path_s = req.host.decode("latin-1"), req.raw_path.decode("latin-1")
-                    return await self.error(send, scope, req.start, req.rid, 404, "no_route",
-                                            f"no route for host {host_s!r} path {path_s!r}")  # fmt: skip
+                    return self.error(req, 404, "no_route", f"no route for host {host_s!r} path {path_s!r}")
                 service, upstream_path = routed
         policy = table.service_policy(service)
         if policy.rate_limit is not None and not trusted_hop:
-            if await self._rate_limited(policy.rate_limit, f"s/{service}", req, send, service):
+            if self._rate_limited(policy.rate_limit, f"s/{service}", req, service):
                 return
         active = self.clusters.active_requests
         if active[service] >= policy.circuit_breaker.max_requests:
-            return await self.error(send, scope, req.start, req.rid, 503, "circuit_open",
-                                    f"service {service!r} has {active[service]} requests in flight "
-                                    f"(limit {policy.circuit_breaker.max_requests})", service)  # fmt: skip
+            return self.error(req, 503, "circuit_open", f"service {service!r} has {active[service]} requests in "
+                              f"flight (limit {policy.circuit_breaker.max_requests})", service)  # fmt: skip
         headers = self._request_headers(req, trusted_hop, route)
         spec = route.spec if route is not None else None
         retry = spec.retries if spec is not None and spec.retries is not None else policy.retries
@@ -267,28 +269,24 @@ class ProxyApp:
         local_only = req.hopped or not policy.zone_failover
         active[service] += 1
         try:
-            await self._forward(req, receive, send, service, subset, upstream_path, headers, retry, timeout,
+            await self._forward(req, ex, service, subset, upstream_path, headers, retry, timeout,
                                 policy.timeouts.idle, local_only, hash_key, route, mirror_body)  # fmt: skip
         finally:
             active[service] -= 1
         if mirror_body is not None and spec is not None and spec.mirror is not None:
             self._spawn(self._mirror(spec.mirror.service, req, upstream_path, headers, b"".join(mirror_body)))
 
-    async def _route_filters(self, route: CompiledRoute, req: _Request, send: Any) -> bool:
+    async def _route_filters(self, route: CompiledRoute, req: _Request) -> bool:
         """Route-level rate limit, faults, redirect and direct response. True when the request was answered."""
         spec = route.spec
-        scope = req.scope
-        if spec.rate_limit is not None and await self._rate_limited(
-            spec.rate_limit, f"r/{route.name}", req, send, ""
-        ):
+        if spec.rate_limit is not None and self._rate_limited(spec.rate_limit, f"r/{route.name}", req, ""):
             return True
         if spec.fault is not None:
             delay, abort = spec.fault.delay, spec.fault.abort
             if delay is not None and random.random() * 100 < delay.percent:
                 await asyncio.sleep(delay.duration)
             if abort is not None and random.random() * 100 < abort.percent:
-                await self.error(send, scope, req.start, req.rid, abort.status, "fault_injected",
-                                 f"fault injected by route {route.name!r}")  # fmt: skip
+                self.error(req, abort.status, "fault_injected", f"fault injected by route {route.name!r}")
                 return True
         if spec.direct_response is not None:
             d = spec.direct_response
@@ -297,13 +295,12 @@ class ProxyApp:
             if not any(k == b"content-type" for k, _ in headers):
                 headers.append((b"content-type", b"text/plain; charset=utf-8"))
             headers += [(b"content-length", str(len(body)).encode()), (b"x-request-id", req.rid)]
-            await send({"type": "http.response.start", "status": d.status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-            self._done(scope, req.start, req.rid, d.status, "", None, len(body), None, req.host)
+            req.ex.respond(d.status, headers, body)  # type: ignore[union-attr]
+            self._done(req, d.status, "", None, len(body), None)
             return True
         if spec.redirect is not None:
             r = spec.redirect
-            scheme = r.scheme or scope.get("scheme", "http")
+            scheme = r.scheme or req.scheme
             host = r.host or req.host.decode("latin-1")
             path = r.path or req.raw_path.decode("latin-1")
             location = f"{scheme}://{host}{path}" + (f"?{req.query.decode('latin-1')}" if req.query else "")
@@ -312,15 +309,12 @@ class ProxyApp:
                 (b"content-length", b"0"),
                 (b"x-request-id", req.rid),
             ]
-            await send({"type": "http.response.start", "status": r.status, "headers": headers})
-            await send({"type": "http.response.body", "body": b""})
-            self._done(scope, req.start, req.rid, r.status, "", None, 0, None, req.host)
+            req.ex.respond(r.status, headers)  # type: ignore[union-attr]
+            self._done(req, r.status, "", None, 0, None)
             return True
         return False
 
-    async def _rate_limited(
-        self, rl: RateLimit, scope_key: str, req: _Request, send: Any, service: str
-    ) -> bool:
+    def _rate_limited(self, rl: RateLimit, scope_key: str, req: _Request, service: str) -> bool:
         if rl.key == "ip":
             key = req.client_ip
         elif rl.key.startswith("header:"):
@@ -330,9 +324,8 @@ class ProxyApp:
         wait = self.limiter.allow(scope_key, key, rl.requests_per_second, rl.burst)
         if wait <= 0:
             return False
-        await self.error(send, req.scope, req.start, req.rid, 429, "rate_limited",
-                         f"rate limit of {rl.requests_per_second:g}/s (burst {rl.burst}) exceeded", service,
-                         [(b"retry-after", retry_after_header(wait))])  # fmt: skip
+        self.error(req, 429, "rate_limited", f"rate limit of {rl.requests_per_second:g}/s (burst {rl.burst}) exceeded",
+                   service, [(b"retry-after", retry_after_header(wait))])  # fmt: skip
         return True
 
     def _request_headers(
@@ -342,7 +335,7 @@ class ProxyApp:
         skip = _REQUEST_SKIP | req.conn_tokens if req.conn_tokens else _REQUEST_SKIP
         out: list[tuple[bytes, bytes]] = []
         via = self.via
-        for name, value in req.scope["headers"]:
+        for name, value in req.headers:
             if name in skip:
                 if name == b"via":
                     via = value + b", " + self.via
@@ -354,7 +347,7 @@ class ProxyApp:
         out.append((b"x-request-id", req.rid))
         out.append((b"x-forwarded-for", req.fwd_for + b", " + ip if req.fwd_for else ip))
         if not trusted:
-            out.append((b"x-forwarded-proto", req.scope.get("scheme", "http").encode()))
+            out.append((b"x-forwarded-proto", req.scheme.encode()))
             if req.host:
                 out.append((b"x-forwarded-host", req.host))
         out.append((b"via", via))
@@ -371,13 +364,13 @@ class ProxyApp:
         return out
 
     async def _forward(
-        self, req: _Request, receive: Any, send: Any, service: str, subset: dict[str, str] | None,
+        self, req: _Request, ex: Exchange, service: str, subset: dict[str, str] | None,
         upstream_path: bytes, headers: list[tuple[bytes, bytes]], retry: RetryPolicy, timeout: float,
         idle_timeout: float, local_only: bool, hash_key: bytes | None, route: CompiledRoute | None,
         mirror_body: list[bytes] | None,
     ) -> None:  # fmt: skip
         """Try endpoints until one answers or the retry policy says stop; then relay the response."""
-        scope, method = req.scope, req.method
+        method = req.method
         deadline = req.start + timeout
         target = upstream_path + (b"?" + req.query if req.query else b"")
         tried: list[Endpoint] = []
@@ -427,15 +420,15 @@ class ProxyApp:
                     )  # all tried: any healthy one again
                 if ep is None:
                     if last_error is not None:
-                        return await self.error(send, scope, req.start, req.rid, last_error.status, last_error.code,
+                        return self.error(req, last_error.status, last_error.code,
                                                 str(last_error), service)  # fmt: skip
                     where = "in this zone" if local_only else "in any zone"
                     what = f"service {service!r}" + (f" subset {subset}" if subset else "")
-                    return await self.error(send, scope, req.start, req.rid, 503, "no_healthy_upstream",
+                    return self.error(req, 503, "no_healthy_upstream",
                                             f"{what} has no healthy instance {where}", service)  # fmt: skip
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
-                    return await self.error(send, scope, req.start, req.rid, 504, "upstream_timeout",
+                    return self.error(req, 504, "upstream_timeout",
                                             f"no response within the request timeout of {timeout}s", service)  # fmt: skip
                 per_try = min(retry.per_try_timeout or remaining, remaining)
                 remote = ep.zone != self.zone
@@ -457,18 +450,14 @@ class ProxyApp:
                         last_error = failed(ep, exc)
                         if may_retry("connect-failure"):
                             continue
-                        return await self.error(
-                            send, scope, req.start, req.rid, 502, exc.code, str(exc), service
-                        )
+                        return self.error(req, 502, exc.code, str(exc), service)
                     except PoolExhausted as exc:
-                        return await self.error(
-                            send, scope, req.start, req.rid, 503, exc.code, str(exc), service
-                        )
+                        return self.error(req, 503, exc.code, str(exc), service)
                     try:
                         conn.send_head(head, method == "HEAD")
                         if req.body_len:
                             body_started = True
-                            await self._send_body(conn, receive, req.body_len, idle_timeout, mirror_body)
+                            await self._send_body(conn, ex, req.body_len, idle_timeout, mirror_body)
                         status, resp_headers = await conn.read_head(per_try)
                     except UpstreamReset as exc:
                         conn.close()
@@ -478,28 +467,24 @@ class ProxyApp:
                         last_error = failed(ep, exc)
                         if may_retry("reset"):
                             continue
-                        return await self.error(
-                            send, scope, req.start, req.rid, 502, exc.code, str(exc), service
-                        )
+                        return self.error(req, 502, exc.code, str(exc), service)
                     except UpstreamTimeout as exc:
                         conn.close()
                         conn = None
                         last_error = failed(ep, exc)
                         if may_retry("5xx") or may_retry("gateway-error"):
                             continue
-                        return await self.error(
-                            send, scope, req.start, req.rid, 504, exc.code, str(exc), service
-                        )
+                        return self.error(req, 504, exc.code, str(exc), service)
                     except UpstreamError as exc:
                         conn.close()
                         conn = None
                         self.clusters.report(ep, False)
-                        return await self.error(send, scope, req.start, req.rid, exc.status, exc.code, str(exc),
+                        return self.error(req, exc.status, exc.code, str(exc),
                                                 service)  # fmt: skip
                     except GatewayError as exc:
                         conn.close()
                         conn = None
-                        return await self.error(send, scope, req.start, req.rid, exc.status, exc.code, exc.message,
+                        return self.error(req, exc.status, exc.code, exc.message,
                                                 service)  # fmt: skip
                     self.clusters.report(ep, status < 500)
                     if _retriable_status(status, retry) and (
@@ -513,10 +498,10 @@ class ProxyApp:
                         last_error = UpstreamReset(f"upstream answered {status}")
                         last_error.status, last_error.code = status, "upstream_error"
                         continue
-                    sent = await self._relay_response(conn, send, receive, status, resp_headers, req.rid, ep,
-                                                      idle_timeout, resp_ops)  # fmt: skip
+                    sent = await self._relay_response(conn, ex, status, resp_headers, req.rid, ep, idle_timeout,
+                                                      resp_ops)  # fmt: skip
                     conn = None
-                    self._done(scope, req.start, req.rid, status, service, ep, sent, None, req.host)
+                    self._done(req, status, service, ep, sent, None)
                     return
                 finally:
                     ep.active -= 1
@@ -527,27 +512,28 @@ class ProxyApp:
                 active_retries[service] -= 1
 
     async def _send_body(
-        self, conn: Any, receive: Any, body_len: int, timeout: float, tee: list[bytes] | None
+        self, conn: Any, ex: Exchange, body_len: int, timeout: float, tee: list[bytes] | None
     ) -> None:
         """Stream the client's body to the upstream (re-chunked when the client sent it chunked)."""
         chunked = body_len < 0
         limit = self.config.max_body_bytes
         total = 0
-        more = True
-        while more:
+        while True:
             try:
                 async with asyncio.timeout(timeout):
-                    message = await receive()
+                    data = await ex.read_body()
             except TimeoutError:
                 raise GatewayError(
                     408, "request_timeout", f"client sent no body data for {timeout}s"
                 ) from None
-            if message["type"] == "http.disconnect":
+            except ClientGone:
                 raise GatewayError(
                     499, "client_closed", "client closed the connection while sending the body"
-                )
-            data = message.get("body", b"")
-            more = message.get("more_body", False)
+                ) from None
+            if data is None:
+                if chunked and not conn.response_started:
+                    await conn.write(b"0\r\n\r\n")
+                break
             total += len(data)
             if limit is not None and total > limit:
                 raise GatewayError(
@@ -560,15 +546,13 @@ class ProxyApp:
             if chunked:
                 if data:
                     await conn.write(b"%x\r\n%b\r\n" % (len(data), data))
-                if not more:
-                    await conn.write(b"0\r\n\r\n")
             elif data:
                 await conn.write(data)
         if conn.response_started:
             conn.keep_alive = False
 
     async def _relay_response(
-        self, conn: Any, send: Any, receive: Any, status: int, up_headers: list[tuple[bytes, bytes]], rid: bytes,
+        self, conn: Any, ex: Exchange, status: int, up_headers: list[tuple[bytes, bytes]], rid: bytes,
         ep: Endpoint, timeout: float, ops: HeaderOps | None,
     ) -> int:  # fmt: skip
         """Send the upstream's response to the client, streaming the body; returns body bytes sent."""
@@ -596,34 +580,33 @@ class ProxyApp:
             headers.append((ZONE_HEADER, ep.zone.encode()))
         if ops is not None:
             headers = _apply_header_ops(headers, ops)
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+        body = conn.complete_body()
+        if body is not None:  # all of it is here already (small responses): one write, no streaming
+            ex.respond(status, headers, body)
+            conn.done()
+            return len(body)
+        ex.respond(status, headers, b"", end=False)
         sent = 0
-        chunks = 0
-        disconnected: asyncio.Task[Any] | None = None
         try:
             while True:
                 chunk = await conn.read(timeout)
                 if chunk is None:
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
                     break
                 sent += len(chunk)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                chunks += 1
-                if chunks == _STREAM_WATCH_AFTER:
-                    disconnected = asyncio.ensure_future(_wait_disconnect(receive))
-                if disconnected is not None and disconnected.done():
+                await ex.write(chunk)
+                if ex.disconnected:
                     conn.close()
+                    ex.abort()
                     return sent
         except UpstreamError as exc:
             log.warning(
                 "upstream %s failed mid-response (%s); closing the client connection", ep.address, exc
             )
             conn.close()
+            ex.abort()
             self.clusters.report(ep, False)
             return sent
-        finally:
-            if disconnected is not None:
-                disconnected.cancel()
+        ex.end()
         conn.done()
         return sent
 
@@ -668,42 +651,40 @@ class ProxyApp:
                 conn.close()
 
     # --- answers and logs -------------------------------------------------------------------------------
-    async def error(
-        self, send: Any, scope: dict[str, Any], start: float, rid: bytes, status: int, code: str, message: str,
-        service: str = "", extra_headers: list[tuple[bytes, bytes]] | None = None,
+    def error(
+        self, req: _Request, status: int, code: str, message: str, service: str = "",
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:  # fmt: skip
         """Answer with the JSON error body every gateway error uses."""
-        rid = rid or new_request_id()
+        rid = req.rid or new_request_id()
         body = json.dumps({"error": code, "message": message, "request_id": rid.decode()}).encode()
-        headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode()), (b"x-request-id", rid)]
+        headers = [*JSON_HEADERS, (b"x-request-id", rid)]
         if extra_headers:
             headers += extra_headers
         if status in (400, 408, 413, 431):
             headers.append((b"connection", b"close"))
-        try:
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-        except (OSError, RuntimeError):
-            pass
+        ex = req.ex
+        if ex is not None and not ex.response_started:
+            ex.respond(status, headers, body)
+        elif ex is not None:
+            ex.abort()
         self.metrics.errors[code] += 1
-        self._done(scope, start, rid, status, service, None, len(body), code, None)
+        self._done(req, status, service, None, len(body), code)
 
     def _done(
-        self, scope: dict[str, Any], start: float, rid: bytes, status: int, service: str, ep: Endpoint | None,
-        sent: int, error: str | None, host: bytes | None,
-    ) -> None:  # fmt: skip
-        elapsed = time.perf_counter() - start
+        self, req: _Request, status: int, service: str, ep: Endpoint | None, sent: int, error: str | None
+    ) -> None:
+        elapsed = time.perf_counter() - req.start
         zone = ep.zone if ep is not None else self.zone
         self.metrics.observe(service or "-", zone, status, elapsed)
         if self.log_access:
-            client = scope.get("client")
             entry = {
                 "ts": round(time.time(), 3),
-                "request_id": rid.decode(),
-                "client": client[0] if client else None,
-                "method": scope.get("method"),
-                "host": (host or b"").decode("latin-1"),
-                "path": scope.get("path"),
+                "request_id": req.rid.decode(),
+                "client": req.client_ip or None,
+                "method": req.method,
+                "host": req.host.decode("latin-1"),
+                "path": req.raw_path.decode("latin-1"),
                 "status": status,
                 "service": service or None,
                 "upstream": ep.address if ep else None,
@@ -727,8 +708,8 @@ def _host_name(host: bytes) -> str:
     return h.rsplit(":", 1)[0] if ":" in h else h
 
 
-def _headers_dict(scope: dict[str, Any]) -> dict[str, str]:
-    return {n.decode("latin-1"): v.decode("latin-1") for n, v in scope["headers"]}
+def _headers_dict(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {n.decode("latin-1"): v.decode("latin-1") for n, v in headers}
 
 
 def _query_dict(query: bytes) -> dict[str, str]:
@@ -769,8 +750,3 @@ def _decode_subset(raw: bytes | None) -> dict[str, str] | None:
         if k:
             out[k] = v
     return out or None
-
-
-async def _wait_disconnect(receive: Any) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass

@@ -17,11 +17,11 @@ import uvicorn
 from gateway.admin import make_admin_app, make_worker_stats_app
 from gateway.cluster import ClusterSet, base_policy
 from gateway.config import GatewayConfig
+from gateway.downstream import GatewayHttpProtocol
 from gateway.health import HealthChecker
 from gateway.listen import bind
 from gateway.metrics import Metrics
 from gateway.policy_state import PolicyState
-from gateway.protocol import GatewayHttpProtocol
 from gateway.proxy import ProxyApp
 from gateway.upstream import PoolStats
 from policy.compile import RoutingTable
@@ -145,7 +145,9 @@ class Gateway:
         proxy = _Server(
             uvicorn.Config(
                 self.app,
-                http=GatewayHttpProtocol.configured(cfg.max_header_bytes, cfg.header_timeout),
+                http=GatewayHttpProtocol.configured(
+                    self.app.handle, cfg.max_header_bytes, cfg.header_timeout
+                ),
                 ws="websockets-sansio",
                 loop="none",
                 lifespan="off",

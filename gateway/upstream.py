@@ -250,6 +250,18 @@ class Connection(asyncio.Protocol):
             finally:
                 self._waiter = None
 
+    def complete_body(self) -> bytes | None:
+        """The whole response body when all of it has arrived (taking it), else None: then ``read`` it."""
+        if not self._complete or self._error is not None:
+            return None
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        return body
+
     @property
     def reusable(self) -> bool:
         return (
@@ -264,13 +276,7 @@ class Connection(asyncio.Protocol):
         """End the exchange: back to the pool when reusable, else closed."""
         self._parser = None
         self._head = None
-        if (
-            self._complete
-            and self.keep_alive
-            and not self.closed
-            and not self.upgraded
-            and self._error is None
-        ):
+        if self.reusable:
             self.pool.release(self)
         else:
             self.close()

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from gateway.proxy import _WS_SKIP, HOP_HEADER, REQUEST_ID_RE, new_request_id
+from gateway.proxy import _WS_SKIP, HOP_HEADER, REQUEST_ID_RE, _Request, new_request_id
 
 if TYPE_CHECKING:
     from gateway.proxy import ProxyApp
@@ -19,7 +18,6 @@ log = logging.getLogger("zonemesh.gateway")
 
 
 async def proxy_websocket(app: ProxyApp, scope: dict[str, Any], receive: Any, send: Any) -> None:
-    start = time.perf_counter()
     if (await receive())["type"] != "websocket.connect":
         return
     host = b""
@@ -43,9 +41,14 @@ async def proxy_websocket(app: ProxyApp, scope: dict[str, Any], receive: Any, se
     headers["x-request-id"] = rid.decode()
     raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
     query: bytes = scope.get("query_string", b"")
+    client = scope.get("client")
+    req = _Request(
+        "GET", raw_path, query, scope["headers"], client[0] if client else "", scope.get("scheme", "ws")
+    )
+    req.host, req.rid = host, rid
     routed = app.route(host, raw_path)
     if routed is None:
-        return await _reject(app, send, scope, start, rid, 404, "no_route", "no route for this websocket", "")
+        return await _reject(app, send, scope, req, 404, "no_route", "no route for this websocket", "")
     service, upstream_path = routed
     tried = []
     session = aiohttp.ClientSession(
@@ -55,7 +58,7 @@ async def proxy_websocket(app: ProxyApp, scope: dict[str, Any], receive: Any, se
         while True:
             ep = app.pick(service, tried, hopped, None)
             if ep is None:
-                return await _reject(app, send, scope, start, rid, 503, "no_healthy_upstream",
+                return await _reject(app, send, scope, req, 503, "no_healthy_upstream",
                                      f"service {service!r} has no healthy instance", service)  # fmt: skip
             remote = ep.zone != app.zone
             path = raw_path if remote else upstream_path
@@ -73,7 +76,7 @@ async def proxy_websocket(app: ProxyApp, scope: dict[str, Any], receive: Any, se
                 app.clusters.report(ep, False)
                 tried.append(ep)
                 if len(tried) > app.config.connect_retries:
-                    return await _reject(app, send, scope, start, rid, 502, "upstream_connect_failed",
+                    return await _reject(app, send, scope, req, 502, "upstream_connect_failed",
                                          f"websocket to {ep.address} failed: {exc}", service)  # fmt: skip
         app.clusters.report(ep, True)
         ep.active += 1
@@ -84,7 +87,7 @@ async def proxy_websocket(app: ProxyApp, scope: dict[str, Any], receive: Any, se
         finally:
             ep.active -= 1
             await upstream.close()
-        app._done(scope, start, rid, 101, service, ep, 0, None, host)
+        app._done(req, 101, service, ep, 0, None)
     finally:
         await session.close()
 
@@ -125,10 +128,17 @@ async def _relay(upstream: aiohttp.ClientWebSocketResponse, receive: Any, send: 
 
 
 async def _reject(
-    app: ProxyApp, send: Any, scope: dict[str, Any], start: float, rid: bytes, status: int, code: str, message: str,
+    app: ProxyApp,
+    send: Any,
+    scope: dict[str, Any],
+    req: _Request,
+    status: int,
+    code: str,
+    message: str,
     service: str,
-) -> None:  # fmt: skip
+) -> None:
     """Refuse the handshake with an HTTP error (JSON body) when the server supports it, else close."""
+    rid = req.rid
     body = json.dumps({"error": code, "message": message, "request_id": rid.decode()}).encode()
     if "websocket.http.response" in scope.get("extensions", {}):
         await send({"type": "websocket.http.response.start", "status": status,
@@ -137,4 +147,4 @@ async def _reject(
     else:
         await send({"type": "websocket.close", "code": 1011 if status >= 500 else 1008})
     app.metrics.errors[code] += 1
-    app._done(scope, start, rid, status, service, None, len(body), code, None)
+    app._done(req, status, service, None, len(body), code)

@@ -9,6 +9,7 @@ import signal
 import uuid
 
 import aiohttp
+import httptools
 import pytest
 
 from registry.embedded_etcd import EmbeddedEtcd, free_port
@@ -267,6 +268,79 @@ async def test_head_204_304_chunked_and_connection_close(mesh: Mesh) -> None:
         # Keep-alive on the client side survives all of the above on one session.
         async with s.get(f"{mesh.a.url}/echo", headers=host) as r:
             assert r.status == 200
+
+
+def parse_responses(raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """Every HTTP/1.1 response in ``raw`` (as a client reads them off one connection), bodies de-chunked."""
+    out: list[tuple[int, dict[str, str], bytes]] = []
+
+    class Sink:
+        def on_message_begin(self) -> None:
+            self.headers: dict[str, str] = {}
+            self.body = b""
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.headers[name.decode().lower()] = value.decode()
+
+        def on_body(self, body: bytes) -> None:
+            self.body += body
+
+        def on_message_complete(self) -> None:
+            out.append((parser.get_status_code(), self.headers, self.body))
+
+    parser = httptools.HttpResponseParser(Sink())
+    parser.feed_data(raw)
+    if b"transfer-encoding: chunked" not in raw.lower() and out == [] and raw:
+        parser.feed_data(b"")  # a close-delimited body ends with the connection
+    return out
+
+
+async def test_client_connection_pipelining_http10_and_chunking(mesh: Mesh) -> None:
+    name = svc()
+    await mesh.upstream(name, "a")
+    await wait_for_known(mesh.a, name, 1)
+    host = f"Host: {name}.mesh\r\n"
+    # Pipelined requests are answered in order on one connection; the last asks to close it.
+    raw = await raw_request(
+        mesh.a.port,
+        f"GET /echo/1 HTTP/1.1\r\n{host}\r\nGET /echo/2 HTTP/1.1\r\n{host}\r\n"
+        f"GET /echo/3 HTTP/1.1\r\n{host}Connection: close\r\n\r\n".encode(),
+    )
+    responses = parse_responses(raw)
+    assert [json.loads(body)["path"] for _, _, body in responses] == ["/echo/1", "/echo/2", "/echo/3"]
+    assert responses[-1][1]["connection"] == "close"
+    # A streamed (chunked) upstream body goes to an HTTP/1.1 client chunked ...
+    raw = await raw_request(
+        mesh.a.port, f"GET /bytes/150000 HTTP/1.1\r\n{host}Connection: close\r\n\r\n".encode()
+    )
+    [(status, headers, body)] = parse_responses(raw)
+    assert status == 200 and headers["transfer-encoding"] == "chunked" and body == b"x" * 150000
+    # ... and to an HTTP/1.0 client as a body that ends with the connection.
+    raw = await raw_request(mesh.a.port, f"GET /bytes/150000 HTTP/1.0\r\n{host}\r\n".encode())
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower()
+    assert b"connection: close" in head.lower() and body == b"x" * 150000
+    # HTTP/1.0 with keep-alive keeps the connection for a second request.
+    raw = await raw_request(
+        mesh.a.port,
+        f"GET /echo/a HTTP/1.0\r\n{host}Connection: keep-alive\r\n\r\n"
+        f"GET /echo/b HTTP/1.0\r\n{host}\r\n".encode(),
+    )
+    assert raw.count(b"HTTP/1.1 200") == 2 and b"connection: keep-alive" in raw.lower()
+
+
+async def test_idle_keepalive_connection_is_closed(etcd: EmbeddedEtcd, procs: Procs) -> None:
+    settings = EtcdSettings(endpoints=(etcd.endpoint,), prefix=f"/gw-{uuid.uuid4().hex[:8]}")
+    gw = await GatewayProc(procs, settings, "a", "--keepalive-timeout", "1").ready()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: nothing.mesh\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 503")  # no instance of that service
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    rest = await asyncio.wait_for(reader.read(), 5)  # the JSON body, then EOF once idle for 1 s
+    assert rest.startswith(b"{") and 0.8 < loop.time() - t0 < 3
+    writer.close()
 
 
 async def test_expect_100_continue(mesh: Mesh) -> None:

@@ -1,0 +1,490 @@
+"""The client-facing HTTP/1.1 server protocol: httptools, one ``Exchange`` per request, no ASGI on the hot path.
+
+uvicorn runs the listener (sockets, signals, graceful shutdown) with this protocol as its ``http`` class. Each
+request becomes an ``Exchange`` handed to a ``handler`` coroutine (the proxy); WebSocket upgrades go to
+uvicorn's WebSocket protocol and the ASGI app, as in uvicorn's own HTTP protocol. What a front proxy needs on
+top: a header size limit (431), a deadline for receiving a request head (408, against slowloris), JSON
+errors for malformed requests (400), keep-alive with an idle timeout, pipelining in order, and backpressure
+both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import http
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httptools
+
+log = logging.getLogger("zonemesh.gateway")
+
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+STATUS_LINE = {
+    code: b"HTTP/1.1 %d %b\r\n"
+    % (code, http.HTTPStatus(code).phrase.encode() if code in http.HTTPStatus._value2member_map_ else b"")  # noqa: E501
+    for code in range(100, 600)
+}
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class ClientGone(Exception):
+    """The client closed the connection."""
+
+
+class _HeadersTooLarge(Exception):
+    pass
+
+
+class Exchange:
+    """One request on a client connection: its head, its body (``read_body``) and the response
+    (``respond`` -> ``write``* -> ``end``)."""
+
+    __slots__ = (
+        "method", "raw_path", "query", "headers", "client_ip", "scheme", "keep_alive", "head_only",
+        "disconnected", "response_started", "response_complete", "body_complete", "_proto", "_chunks",
+        "_buffered", "_waiter", "_expect_continue", "_chunked",
+    )  # fmt: skip
+
+    def __init__(self, proto: GatewayHttpProtocol, method: str, raw_path: bytes, query: bytes,
+                 headers: list[tuple[bytes, bytes]], keep_alive: bool, expect_continue: bool) -> None:  # fmt: skip
+        self.method = method
+        self.raw_path = raw_path
+        self.query = query
+        self.headers = headers  # names lower-cased, in arrival order
+        self.client_ip = proto.client_ip
+        self.scheme = proto.scheme
+        self.keep_alive = keep_alive
+        self.head_only = method == "HEAD"
+        self.disconnected = False
+        self.response_started = False
+        self.response_complete = False
+        self.body_complete = False
+        self._proto = proto
+        self._chunks: collections.deque[bytes] | None = None
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._expect_continue = expect_continue
+        self._chunked = False
+
+    # --- the request body -------------------------------------------------------------------------------
+    async def read_body(self) -> bytes | None:
+        """The next chunk of the request body, or None at its end. Raises ClientGone."""
+        while True:
+            chunks = self._chunks
+            if chunks:
+                chunk = chunks.popleft()
+                self._buffered -= len(chunk)
+                if self._buffered < LOW_WATER:
+                    self._proto._body_drained()
+                return chunk
+            if self.body_complete:
+                return None
+            if self.disconnected:
+                raise ClientGone("client closed the connection while sending the body")
+            if self._expect_continue:
+                self._expect_continue = False
+                if not self.response_started:
+                    self._proto.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._waiter = self._proto.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def _feed(self, body: bytes) -> None:
+        if self.response_complete:
+            return  # answered already (e.g. 413): the rest of the body is read and dropped
+        if self._chunks is None:
+            self._chunks = collections.deque()
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > HIGH_WATER:
+            self._proto._pause()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- the response -----------------------------------------------------------------------------------
+    def respond(
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"", end: bool = True
+    ) -> None:
+        """Send the status line and headers (lower-case names), with ``body``; ``end=False`` streams the rest
+        with ``write``. Without a Content-Length the length is set (``end``) or the body is chunked."""
+        if self.response_started:
+            raise RuntimeError("response already started")
+        self.response_started = True
+        parts = [STATUS_LINE[status]]
+        has_length = False
+        for name, value in headers:
+            if name == b"content-length":
+                has_length = True
+            elif name == b"connection":
+                if value.lower() == b"close":
+                    self.keep_alive = False
+                continue
+            parts += [name, b": ", value, b"\r\n"]
+        bodyless = self.head_only or status in _NO_BODY_STATUS or status < 200
+        if not has_length and not (status in _NO_BODY_STATUS or status < 200):
+            if end:
+                parts += [b"content-length: ", b"%d" % len(body), b"\r\n"]
+            elif self._proto.http11:
+                parts.append(b"transfer-encoding: chunked\r\n")
+                self._chunked = not bodyless
+            else:
+                self.keep_alive = False  # HTTP/1.0 without a length: the end of the body is the close
+        if self._proto.shutting_down or (end and not self.body_complete):
+            self.keep_alive = False
+        if not self.keep_alive:
+            parts.append(b"connection: close\r\n\r\n")
+        elif not self._proto.http11:
+            parts.append(b"connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
+        if body and not bodyless:
+            if self._chunked:
+                parts += [b"%x\r\n" % len(body), body, b"\r\n"]
+            else:
+                parts.append(body)
+        if not self.disconnected:
+            self._proto.transport.write(b"".join(parts))
+        if end:
+            self._finish()
+
+    async def write(self, data: bytes) -> None:
+        """Send a chunk of the response body, waiting while the client is slower than the upstream."""
+        if self.disconnected or not data or self.head_only:
+            return
+        proto = self._proto
+        if self._chunked:
+            proto.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            proto.transport.write(data)
+        if proto.drain is not None:
+            await proto.drain
+
+    def end(self) -> None:
+        """The response is complete."""
+        if self._chunked and not self.disconnected:
+            self._proto.transport.write(b"0\r\n\r\n")
+        self._finish()
+
+    def abort(self) -> None:
+        """The response cannot be completed (the upstream failed mid-body): close the connection."""
+        self.keep_alive = False
+        self.response_complete = True
+        self._proto._response_done(self)
+        if not self.disconnected:
+            self._proto.transport.close()
+
+    def _finish(self) -> None:
+        if not self.response_complete:
+            self.response_complete = True
+            self._proto._response_done(self)
+
+
+Handler = Callable[[Exchange], Awaitable[None]]
+
+
+class GatewayHttpProtocol(asyncio.Protocol):
+    """Set ``handler``, ``max_header_bytes`` and ``header_timeout`` on a subclass (see ``configured``)."""
+
+    handler: Handler
+    max_header_bytes = 64 * 1024
+    header_timeout = 10.0
+
+    @classmethod
+    def configured(
+        cls, handler: Handler, max_header_bytes: int, header_timeout: float
+    ) -> type[GatewayHttpProtocol]:
+        attrs = {"handler": staticmethod(handler), "max_header_bytes": max_header_bytes,
+                 "header_timeout": header_timeout}  # fmt: skip
+        return type("GatewayHttpProtocol", (cls,), attrs)
+
+    def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:  # fmt: skip
+        if not config.loaded:
+            config.load()
+        self.config = config
+        self.server_state = server_state
+        self.app_state = app_state
+        self.loop = _loop or asyncio.get_event_loop()
+        self.keepalive_timeout = config.timeout_keep_alive
+        self.parser = httptools.HttpRequestParser(self)
+        try:
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        except AttributeError:  # httptools < 0.6.3
+            pass
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.client_ip = ""
+        self.scheme = "http"
+        self.http11 = True
+        self.shutting_down = False
+        self.drain: asyncio.Future[None] | None = None
+        self.current: Exchange | None = None  # being answered
+        self.receiving: Exchange | None = None  # its body is arriving (later than ``current`` when pipelined)
+        self.pipeline: collections.deque[Exchange] = collections.deque()
+        self._paused = False
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._raw_head = 0
+        self._head_since: float | None = None
+        self._idle_since: float | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watch_at = 0.0
+
+    # --- asyncio.Protocol -------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server_state.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if isinstance(peer, tuple) else ""
+        if transport.get_extra_info("sslcontext") is not None:
+            self.scheme = "https"
+        self._idle_since = now = self.loop.time()
+        self._deadline(now + self.keepalive_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server_state.connections.discard(self)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        for ex in (self.current, self.receiving, *self.pipeline):
+            if ex is not None:
+                ex.disconnected = True
+                ex._wake()
+        self.pipeline.clear()
+        if self.drain is not None and not self.drain.done():
+            self.drain.set_result(None)
+        self.drain = None
+
+    def pause_writing(self) -> None:
+        if self.drain is None:
+            self.drain = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        drain, self.drain = self.drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def shutdown(self) -> None:
+        """Graceful shutdown (uvicorn calls it): close when idle, else after the current response."""
+        self.shutting_down = True
+        if self.current is None:
+            self.transport.close()
+        else:
+            self.current.keep_alive = False
+
+    def data_received(self, data: bytes) -> None:
+        self._idle_since = None
+        try:
+            self.parser.feed_data(data)
+            if self._head_since is not None:
+                # Still no complete head: everything received belongs to it (httptools buffers a header value
+                # whole before calling on_header, so count raw bytes too).
+                self._raw_head += len(data)
+                if self._raw_head > self.max_header_bytes:
+                    raise httptools.HttpParserCallbackError("head too large") from _HeadersTooLarge()
+            else:
+                self._raw_head = 0
+        except httptools.HttpParserUpgrade:
+            self._upgrade()
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _HeadersTooLarge) or isinstance(exc.__cause__, _HeadersTooLarge):
+                self.reject(431, "headers_too_large", f"request head exceeds {self.max_header_bytes} bytes")
+            else:
+                self.reject(400, "bad_request", f"malformed HTTP request: {exc}")
+
+    # --- httptools callbacks ----------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+        self._head_since = now = self.loop.time()
+        self._deadline(now + self.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        self._headers.append((name.lower(), value))
+
+    def _count(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > self.max_header_bytes:
+            raise _HeadersTooLarge()
+
+    def on_headers_complete(self) -> None:
+        self._head_since = None
+        parser = self.parser
+        if parser.should_upgrade() and self._is_websocket():
+            return  # handed to the WebSocket protocol when httptools raises HttpParserUpgrade
+        url = self._url
+        if url[:1] == b"/" and b"#" not in url:
+            path, _, query = url.partition(b"?")
+        else:  # absolute-form, asterisk-form or a fragment
+            try:
+                parsed = httptools.parse_url(url)
+                path, query = parsed.path or b"/", parsed.query or b""
+            except httptools.HttpParserInvalidURLError:
+                path, query = url, b""
+        self.http11 = parser.get_http_version() == "1.1"
+        expect = False
+        for name, value in self._headers:
+            if name == b"expect" and value.lower() == b"100-continue":
+                expect = True
+        ex = Exchange(self, parser.get_method().decode("ascii"), path, query, self._headers,
+                      parser.should_keep_alive(), expect)  # fmt: skip
+        self.receiving = ex
+        if self.current is None:
+            self._start(ex)
+        else:
+            self.pipeline.append(ex)
+            self._pause()
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.receiving
+        if ex is not None:
+            ex._feed(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.receiving
+        if ex is not None:
+            ex.body_complete = True
+            ex._wake()
+
+    # --- exchanges --------------------------------------------------------------------------------------
+    def _start(self, ex: Exchange) -> None:
+        self.current = ex
+        task = self.loop.create_task(self.handler(ex))
+        tasks = self.server_state.tasks
+        tasks.add(task)
+        task.add_done_callback(lambda t: self._handler_done(t, ex))
+
+    def _handler_done(self, task: asyncio.Task[None], ex: Exchange) -> None:
+        self.server_state.tasks.discard(task)
+        if ex.response_complete:
+            return
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            log.error("request handler failed", exc_info=exc)
+        if not ex.response_started and not ex.disconnected:
+            body = json.dumps({"error": "internal_error", "message": "the gateway failed to answer",
+                               "request_id": None}).encode()  # fmt: skip
+            ex.respond(500, [(b"content-type", b"application/json")], body)
+        else:
+            ex.abort()
+
+    def _response_done(self, ex: Exchange) -> None:
+        if ex is not self.current:
+            return
+        self.current = None
+        if not ex.keep_alive or self.shutting_down or not ex.body_complete:
+            # (a request body still arriving after the answer is not read to its end: the connection closes)
+            if not ex.disconnected:
+                self.transport.close()
+            return
+        if self.pipeline:
+            self._start(self.pipeline.popleft())
+            if not self.pipeline:
+                self._resume()
+        else:
+            self._idle_since = now = self.loop.time()
+            self._deadline(now + self.keepalive_timeout)
+            self._resume()
+
+    def _pause(self) -> None:
+        if not self._paused and self.transport is not None and not self.transport.is_closing():
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self._paused and not self.pipeline:
+            self._paused = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def _body_drained(self) -> None:
+        if self._paused and not self.pipeline:
+            self._resume()
+
+    # --- WebSocket --------------------------------------------------------------------------------------
+    def _is_websocket(self) -> bool:
+        if self.config.ws_protocol_class is None:
+            return False
+        for name, value in self._headers:
+            if name == b"upgrade" and value.lower() == b"websocket":
+                return True
+        return False
+
+    def _upgrade(self) -> None:
+        if not self._is_websocket():
+            return  # another protocol (h2c, ...): answered as plain HTTP/1.1
+        self.server_state.connections.discard(self)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        head = [self.parser.get_method(), b" ", self._url, b" HTTP/1.1\r\n"]
+        for name, value in self._headers:
+            head += [name, b": ", value, b"\r\n"]
+        head.append(b"\r\n")
+        protocol = self.config.ws_protocol_class(
+            config=self.config, server_state=self.server_state, app_state=self.app_state
+        )
+        protocol.connection_made(self.transport)
+        protocol.data_received(b"".join(head))
+        self.transport.set_protocol(protocol)
+
+    # --- timeouts and rejects ---------------------------------------------------------------------------
+    def _deadline(self, when: float) -> None:
+        """Make sure the watchdog fires by ``when`` (it re-arms itself for later deadlines)."""
+        if self._watchdog is None or self._watch_at > when:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            self._watch_at = when
+            self._watchdog = self.loop.call_at(when, self._check)
+
+    def _arm(self) -> None:
+        self._watchdog = None
+        if self._head_since is not None:
+            self._deadline(self._head_since + self.header_timeout)
+        if self._idle_since is not None:
+            self._deadline(self._idle_since + self.keepalive_timeout)
+
+    def _check(self) -> None:
+        """One timer per connection: request-head deadline (408) and keep-alive idle timeout."""
+        now = self.loop.time()
+        if self._head_since is not None and now - self._head_since >= self.header_timeout:
+            self.reject(408, "request_timeout", f"request head not received within {self.header_timeout}s")
+        elif self._idle_since is not None and now - self._idle_since >= self.keepalive_timeout:
+            self.transport.close()
+        else:
+            self._arm()
+
+    def reject(self, status: int, code: str, message: str) -> None:
+        """Answer a request the parser refused (or that came too slowly) and close the connection."""
+        self._head_since = self._idle_since = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.current is not None and self.current.response_started:
+            self.transport.close()  # mid-response: the client cannot tell an error from the body
+            return
+        if self.current is not None:
+            self.current.keep_alive = False
+            self.current.disconnected = True  # its handler must not write after our answer
+        body = json.dumps({"error": code, "message": message, "request_id": None}).encode()
+        self.transport.write(
+            b"%bcontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%b"
+            % (STATUS_LINE[status], len(body), body)
+        )
+        self.transport.close()
