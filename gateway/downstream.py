@@ -189,6 +189,20 @@ class Exchange:
             self.response_complete = True
             self._proto._response_done(self)
 
+    def _handler_done(self, task: asyncio.Task[None]) -> None:
+        """The handler returned: if it left the response unfinished (a bug), the client still gets an end."""
+        if self.response_complete:
+            return
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            log.error("request handler failed", exc_info=exc)
+        if not self.response_started and not self.disconnected:
+            body = json.dumps({"error": "internal_error", "message": "the gateway failed to answer",
+                               "request_id": None}).encode()  # fmt: skip
+            self.respond(500, [(b"content-type", b"application/json")], body)
+        else:
+            self.abort()
+
 
 Handler = Callable[[Exchange], Awaitable[None]]
 
@@ -312,17 +326,16 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self._deadline(now + self.header_timeout)
 
     def on_url(self, url: bytes) -> None:
-        self._count(len(url))
+        self._head_bytes += len(url)
+        if self._head_bytes > self.max_header_bytes:
+            raise _HeadersTooLarge()
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value) + 4)
-        self._headers.append((name.lower(), value))
-
-    def _count(self, n: int) -> None:
-        self._head_bytes += n
+        self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self.max_header_bytes:
             raise _HeadersTooLarge()
+        self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         self._head_since = None
@@ -365,25 +378,9 @@ class GatewayHttpProtocol(asyncio.Protocol):
 
     # --- exchanges --------------------------------------------------------------------------------------
     def _start(self, ex: Exchange) -> None:
+        # (Not in uvicorn's task set: a graceful shutdown already waits for connections with a response due.)
         self.current = ex
-        task = self.loop.create_task(self.handler(ex))
-        tasks = self.server_state.tasks
-        tasks.add(task)
-        task.add_done_callback(lambda t: self._handler_done(t, ex))
-
-    def _handler_done(self, task: asyncio.Task[None], ex: Exchange) -> None:
-        self.server_state.tasks.discard(task)
-        if ex.response_complete:
-            return
-        exc = None if task.cancelled() else task.exception()
-        if exc is not None:
-            log.error("request handler failed", exc_info=exc)
-        if not ex.response_started and not ex.disconnected:
-            body = json.dumps({"error": "internal_error", "message": "the gateway failed to answer",
-                               "request_id": None}).encode()  # fmt: skip
-            ex.respond(500, [(b"content-type", b"application/json")], body)
-        else:
-            ex.abort()
+        self.loop.create_task(self.handler(ex)).add_done_callback(ex._handler_done)
 
     def _response_done(self, ex: Exchange) -> None:
         if ex is not self.current:

@@ -55,6 +55,7 @@ ZONE_HEADER = b"x-zonemesh-zone"
 _REQUEST_SKIP = HOP_BY_HOP | {
     b"content-length", b"x-request-id", b"x-forwarded-for", b"via", HOP_HEADER, SERVICE_HEADER, SUBSET_HEADER,
 }  # fmt: skip
+_RESPONSE_SKIP = HOP_BY_HOP | {b"x-request-id", b"via"}
 REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _WS_SKIP = HOP_BY_HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
                          b"sec-websocket-protocol"}  # fmt: skip
@@ -442,10 +443,12 @@ class ProxyApp:
                 if tried and last_error is not None:
                     await asyncio.sleep(random.uniform(0, min(0.25, 0.025 * 2 ** len(tried))))
                 ep.active += 1
-                conn = None
+                conn = ep.pool.idle_connection()
+                reused = True
                 try:
                     try:
-                        conn, reused = await ep.pool.acquire()
+                        if conn is None:
+                            conn, reused = await ep.pool.acquire()
                     except ConnectFailed as exc:
                         last_error = failed(ep, exc)
                         if may_retry("connect-failure"):
@@ -498,8 +501,16 @@ class ProxyApp:
                         last_error = UpstreamReset(f"upstream answered {status}")
                         last_error.status, last_error.code = status, "upstream_error"
                         continue
-                    sent = await self._relay_response(conn, ex, status, resp_headers, req.rid, ep, idle_timeout,
-                                                      resp_ops)  # fmt: skip
+                    out_headers = self._response_headers(resp_headers, req.rid, ep, resp_ops)
+                    body = conn.complete_body()
+                    if (
+                        body is not None
+                    ):  # all of it is here already (small responses): one write, no streaming
+                        ex.respond(status, out_headers, body)
+                        conn.done()
+                        sent = len(body)
+                    else:
+                        sent = await self._stream_response(conn, ex, status, out_headers, ep, idle_timeout)
                     conn = None
                     self._done(req, status, service, ep, sent, None)
                     return
@@ -551,40 +562,45 @@ class ProxyApp:
         if conn.response_started:
             conn.keep_alive = False
 
-    async def _relay_response(
-        self, conn: Any, ex: Exchange, status: int, up_headers: list[tuple[bytes, bytes]], rid: bytes,
-        ep: Endpoint, timeout: float, ops: HeaderOps | None,
-    ) -> int:  # fmt: skip
-        """Send the upstream's response to the client, streaming the body; returns body bytes sent."""
-        conn_tokens: set[bytes] = set()
-        for name, value in up_headers:
-            if name.lower() == b"connection":
-                conn_tokens.update(t.strip().lower() for t in value.split(b","))
-        skip = HOP_BY_HOP | conn_tokens if conn_tokens else HOP_BY_HOP
+    def _response_headers(
+        self, up_headers: list[tuple[bytes, bytes]], rid: bytes, ep: Endpoint, ops: HeaderOps | None
+    ) -> list[tuple[bytes, bytes]]:
+        """The upstream's response headers as the client gets them: hop-by-hop ones out, ours in."""
+        skip = _RESPONSE_SKIP
+        for name, value in up_headers:  # (names are lower-case)
+            if name == b"connection":
+                tokens = {t.strip().lower() for t in value.split(b",")}
+                if tokens - {b"keep-alive", b"close"}:
+                    skip = skip | tokens
         headers = []
         via = self.via
         has_zone = False
         for name, value in up_headers:
-            lname = name.lower()
-            if lname in skip or lname == b"x-request-id":
+            if name in skip:
+                if name == b"via":
+                    via = value + b", " + self.via
                 continue
-            if lname == b"via":
-                via = value + b", " + self.via
-                continue
-            if lname == ZONE_HEADER:
+            if name == ZONE_HEADER:
                 has_zone = True
-            headers.append((lname, value))
+            headers.append((name, value))
         headers.append((b"x-request-id", rid))
         headers.append((b"via", via))
         if not has_zone:
             headers.append((ZONE_HEADER, ep.zone.encode()))
         if ops is not None:
             headers = _apply_header_ops(headers, ops)
-        body = conn.complete_body()
-        if body is not None:  # all of it is here already (small responses): one write, no streaming
-            ex.respond(status, headers, body)
-            conn.done()
-            return len(body)
+        return headers
+
+    async def _stream_response(
+        self,
+        conn: Any,
+        ex: Exchange,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        ep: Endpoint,
+        timeout: float,
+    ) -> int:
+        """Send the response head, then stream the upstream's body to the client; returns body bytes sent."""
         ex.respond(status, headers, b"", end=False)
         sent = 0
         try:

@@ -44,7 +44,7 @@ class PoolExhausted(UpstreamError):
 
 
 class Connection(asyncio.Protocol):
-    """One upstream connection. Use: ``send_head`` -> ``write``* -> ``end`` -> ``read_head`` -> ``read``*."""
+    """One upstream connection. Use: ``send_head`` -> ``write``* -> ``read_head`` -> ``read``* -> ``done``."""
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -60,6 +60,13 @@ class Connection(asyncio.Protocol):
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
+        self._active = False  # an exchange is under way
+        self._pending: asyncio.Future | None = None  # what the deadline applies to (head or body wait)
+        self._deadline = 0.0
+        self._deadline_kind = ""
+        self._timeout = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._complete = False
         self._error: UpstreamError | None = None
         self._reading_paused = False
@@ -79,12 +86,13 @@ class Connection(asyncio.Protocol):
                 pass
 
     def data_received(self, data: bytes) -> None:
-        if self._parser is None:
-            # Bytes from an idle upstream: it is not speaking HTTP/1.1 as we expect. Never reuse it.
+        parser = self._parser
+        if parser is None or not self._active:
+            # Bytes from an idle upstream (or after a HEAD/101 head): it is not speaking HTTP/1.1 as we expect.
             self.close()
             return
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamReset(f"invalid HTTP response from upstream: {exc}"))
             self.close()
@@ -97,10 +105,13 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._until_close and self._head is not None and self._head.done() and exc is None:
             self.keep_alive = False
             self._finish()
-        elif self._parser is not None and not self._complete:
+        elif self._active and not self._complete:
             self._fail(UpstreamReset("upstream closed the connection" + (f": {exc}" if exc else "")))
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
@@ -116,7 +127,7 @@ class Connection(asyncio.Protocol):
 
     # --- httptools callbacks ----------------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -128,10 +139,9 @@ class Connection(asyncio.Protocol):
         self.keep_alive = parser.should_keep_alive()
         chunked = content_length = False
         for name, value in self._headers:
-            lname = name.lower()
-            if lname == b"content-length":
+            if name == b"content-length":
                 content_length = True
-            elif lname == b"transfer-encoding" and b"chunked" in value.lower():
+            elif name == b"transfer-encoding" and b"chunked" in value.lower():
                 chunked = True
         self._until_close = (
             not chunked
@@ -146,7 +156,7 @@ class Connection(asyncio.Protocol):
             # No body follows (HEAD) or the protocol changes (101): the exchange ends with the head. The parser
             # may still expect a body, so it is dropped; the next exchange gets a fresh one.
             self.upgraded = status == 101
-            self._parser = None
+            self._parser = None  # the next exchange gets a fresh parser
             self._finish()
 
     def on_body(self, body: bytes) -> None:
@@ -183,7 +193,9 @@ class Connection(asyncio.Protocol):
     def send_head(self, head: bytes, is_head_request: bool) -> None:
         """Start an exchange by writing the request line and headers."""
         self.uses += 1
-        self._parser = httptools.HttpResponseParser(self)
+        if self._parser is None:
+            self._parser = httptools.HttpResponseParser(self)
+        self._active = True
         self._head = self._loop.create_future()
         self._headers = []
         self._chunks.clear()
@@ -207,22 +219,40 @@ class Connection(asyncio.Protocol):
         if self._drain is not None and not self._drain.done():
             await self._drain
 
-    async def read_head(self, timeout: float | None) -> tuple[int, list[tuple[bytes, bytes]]]:
-        """Wait for the response status and headers."""
+    def read_head(self, timeout: float | None) -> asyncio.Future[tuple[int, list[tuple[bytes, bytes]]]]:
+        """Await it for the response status and headers (names lower-case); UpstreamTimeout after ``timeout``."""
         head = self._head
         assert head is not None
-        if head.done():
-            return head.result()
-        timer = self._loop.call_later(timeout, self._head_timeout, head, timeout) if timeout else None
-        try:
-            return await head
-        finally:
-            if timer is not None:
-                timer.cancel()
+        if timeout and not head.done():
+            self._expect_by(head, timeout, "head")
+        return head
 
-    def _head_timeout(self, head: asyncio.Future, timeout: float) -> None:
-        if not head.done():
-            head.set_exception(UpstreamTimeout(f"no response head within {timeout}s"))
+    def _expect_by(self, fut: asyncio.Future, timeout: float, kind: str) -> None:
+        """``fut`` fails with UpstreamTimeout unless it is done within ``timeout``. One timer per connection,
+        re-armed lazily: most exchanges finish long before it fires, and none pays for arming and cancelling."""
+        self._pending = fut
+        self._deadline = deadline = self._loop.time() + timeout
+        self._timeout, self._deadline_kind = timeout, kind
+        if self._timer is None or self._timer_at > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        fut = self._pending
+        if fut is None or fut.done():
+            self._pending = None
+        elif self._loop.time() >= self._deadline:
+            self._pending = None
+            if self._deadline_kind == "head":
+                fut.set_exception(UpstreamTimeout(f"no response head within {self._timeout}s"))
+            else:
+                fut.set_exception(UpstreamTimeout(f"upstream body stalled for {self._timeout}s"))
+        else:
+            self._timer_at = self._deadline
+            self._timer = self._loop.call_at(self._deadline, self._check_deadline)
 
     @property
     def response_started(self) -> bool:
@@ -242,11 +272,11 @@ class Connection(asyncio.Protocol):
                 return None
             if self._error is not None:
                 raise self._error
-            self._waiter = self._loop.create_future()
+            self._waiter = waiter = self._loop.create_future()
+            if timeout:
+                self._expect_by(waiter, timeout, "body")
             try:
-                await asyncio.wait_for(self._waiter, timeout)
-            except TimeoutError:
-                raise UpstreamTimeout(f"upstream body stalled for {timeout}s") from None
+                await waiter
             finally:
                 self._waiter = None
 
@@ -274,14 +304,18 @@ class Connection(asyncio.Protocol):
 
     def done(self) -> None:
         """End the exchange: back to the pool when reusable, else closed."""
-        self._parser = None
+        self._active = False
         self._head = None
+        self._pending = None
         if self.reusable:
             self.pool.release(self)
         else:
             self.close()
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if not self.closed:
             self.closed = True
             if self.transport is not None:
@@ -318,15 +352,25 @@ class Pool:
     def open_connections(self) -> int:
         return len(self._open)
 
-    async def acquire(self) -> tuple[Connection, bool]:
-        """A connection for one exchange and whether it was reused from the pool."""
+    def idle_connection(self) -> Connection | None:
+        """A kept-alive connection ready for an exchange, if there is one (no waiting)."""
+        idle = self._idle
+        if not idle:
+            return None
         now = time.monotonic()
-        while self._idle:
-            conn = self._idle.pop()  # most recently used first: warmest connection, lets old ones idle out
+        while idle:
+            conn = idle.pop()  # most recently used first: warmest connection, lets old ones idle out
             if not conn.closed and now - conn.idle_since < self.idle_timeout:
                 self.stats.reused += 1
-                return conn, True
+                return conn
             conn.close()
+        return None
+
+    async def acquire(self) -> tuple[Connection, bool]:
+        """A connection for one exchange and whether it was reused from the pool."""
+        conn = self.idle_connection()
+        if conn is not None:
+            return conn, True
         if self.closed:
             raise ConnectFailed(f"{self.host}:{self.port} is no longer a known upstream")
         if len(self._open) >= self.max_connections:
