@@ -24,7 +24,7 @@ class Endpoint:
     """One dialable upstream (a registered instance or a peer zone gateway) with its pool and health state."""
 
     __slots__ = (
-        "id", "key", "zone", "host", "port", "weight", "record", "pool", "active", "service", "next_check",
+        "id", "key", "zone", "zone_b", "host", "port", "weight", "record", "pool", "active", "service", "next_check",
         "hc_healthy", "hc_passes", "hc_fails", "failures", "ejected_until", "ejections", "removed",
     )  # fmt: skip
 
@@ -36,6 +36,7 @@ class Endpoint:
         self.service = record.service if isinstance(record, Instance) else None
         self.next_check = 0.0
         self.zone = record.zone
+        self.zone_b = record.zone.encode()
         self.host = record.address
         self.port = record.port
         self.weight = getattr(record, "weight", 100)

@@ -45,7 +45,7 @@ class Exchange:
     (``respond`` -> ``write``* -> ``end``)."""
 
     __slots__ = (
-        "method", "raw_path", "query", "headers", "client_ip", "scheme", "keep_alive", "head_only",
+        "method", "raw_path", "query", "headers", "client_ip", "client_ip_b", "scheme", "keep_alive", "head_only",
         "disconnected", "response_started", "response_complete", "body_complete", "_proto", "_chunks",
         "_buffered", "_waiter", "_expect_continue", "_chunked",
     )  # fmt: skip
@@ -57,6 +57,7 @@ class Exchange:
         self.query = query
         self.headers = headers  # names lower-cased, in arrival order
         self.client_ip = proto.client_ip
+        self.client_ip_b = proto.client_ip_b
         self.scheme = proto.scheme
         self.keep_alive = keep_alive
         self.head_only = method == "HEAD"
@@ -238,6 +239,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
             pass
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.client_ip = ""
+        self.client_ip_b = b""
         self.scheme = "http"
         self.http11 = True
         self.shutting_down = False
@@ -261,6 +263,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.server_state.connections.add(self)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if isinstance(peer, tuple) else ""
+        self.client_ip_b = self.client_ip.encode()
         if transport.get_extra_info("sslcontext") is not None:
             self.scheme = "https"
         self._idle_since = now = self.loop.time()

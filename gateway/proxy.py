@@ -56,6 +56,7 @@ _REQUEST_SKIP = HOP_BY_HOP | {
     b"content-length", b"x-request-id", b"x-forwarded-for", b"via", HOP_HEADER, SERVICE_HEADER, SUBSET_HEADER,
 }  # fmt: skip
 _RESPONSE_SKIP = HOP_BY_HOP | {b"x-request-id", b"via"}
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})  # Connection values that name no other header
 REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _WS_SKIP = HOP_BY_HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
                          b"sec-websocket-protocol"}  # fmt: skip
@@ -344,11 +345,11 @@ class ProxyApp:
             if not trusted and (name == b"x-forwarded-proto" or name == b"x-forwarded-host"):
                 continue
             out.append((name, value))
-        ip = req.client_ip.encode()
+        ip = req.ex.client_ip_b if req.ex is not None else req.client_ip.encode()
         out.append((b"x-request-id", req.rid))
         out.append((b"x-forwarded-for", req.fwd_for + b", " + ip if req.fwd_for else ip))
         if not trusted:
-            out.append((b"x-forwarded-proto", req.scheme.encode()))
+            out.append((b"x-forwarded-proto", b"https" if req.scheme == "https" else b"http"))
             if req.host:
                 out.append((b"x-forwarded-host", req.host))
         out.append((b"via", via))
@@ -568,10 +569,8 @@ class ProxyApp:
         """The upstream's response headers as the client gets them: hop-by-hop ones out, ours in."""
         skip = _RESPONSE_SKIP
         for name, value in up_headers:  # (names are lower-case)
-            if name == b"connection":
-                tokens = {t.strip().lower() for t in value.split(b",")}
-                if tokens - {b"keep-alive", b"close"}:
-                    skip = skip | tokens
+            if name == b"connection" and value.lower() not in _PLAIN_CONNECTION:
+                skip = skip | {t.strip().lower() for t in value.split(b",")}
         headers = []
         via = self.via
         has_zone = False
@@ -586,7 +585,7 @@ class ProxyApp:
         headers.append((b"x-request-id", rid))
         headers.append((b"via", via))
         if not has_zone:
-            headers.append((ZONE_HEADER, ep.zone.encode()))
+            headers.append((ZONE_HEADER, ep.zone_b))
         if ops is not None:
             headers = _apply_header_ops(headers, ops)
         return headers
