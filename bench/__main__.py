@@ -12,7 +12,9 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +31,16 @@ from registry.etcd import EtcdSettings
 from registry.heartbeat import SyncHeartbeatClient
 from registry.keys import Keys
 from registry.model import Instance, new_instance_id
+
+
+def wait_port(port: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on port {port}")
 
 
 def log(msg: str) -> None:
@@ -156,6 +168,7 @@ class Bench:
         for p in self.procs:
             p.stop()
         self.etcd.cleanup()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def register(self, service: str, zone: str, port: int, settings: EtcdSettings | None = None) -> None:
         inst = Instance(
@@ -186,6 +199,8 @@ class Bench:
             targets.append(("nginx", "nginx"))
         if not self.args.quick and haproxy_bin():
             targets.append(("haproxy", "haproxy"))
+        if not self.args.quick:
+            targets.append(("python floor (no features)", "floor"))
         for label, kind in targets:
             stop = None
             if kind is None:
@@ -198,10 +213,16 @@ class Bench:
                 port = free_port()
                 p = start_nginx(self.tmp / "nginx-proxy", port, self.upstream_port)
                 host, stop = "bench", p.stop
-            else:
+            elif kind == "haproxy":
                 hport = free_port()
                 p = start_haproxy(self.tmp / "haproxy", hport, self.upstream_port)
                 port, host, stop = hport, "bench", p.stop
+            else:
+                port = free_port()
+                p = Proc("floor", [sys.executable, "-m", "bench.floor", str(port), str(self.upstream_port)],
+                         cores=PROXY_CORES)  # fmt: skip
+                wait_port(port)
+                host, stop = "bench", p.stop
             for body in bodies:
                 for conns in conns_list:
                     r = self.load(port, f"/{body}", host, conns)

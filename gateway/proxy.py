@@ -1,4 +1,4 @@
-"""The proxy: a plain ASGI app (no framework on the hot path) that routes, balances and streams.
+"""The proxy: routes, balances and streams each request the HTTP protocol (``gateway.downstream``) hands it.
 
 Request path: header hygiene and limits -> policy route (or the default ``Host: <svc><suffix>`` / ``/<svc>/``
 routing) -> route filters (rate limit, fault, redirect, direct response, rewrite, headers, mirror) -> service
@@ -117,7 +117,7 @@ class _Request:
 
 
 class ProxyApp:
-    """The ASGI application of a zone gateway's proxy listener."""
+    """A zone gateway's proxy: ``handle`` serves HTTP exchanges; as an ASGI app it serves WebSocket upgrades."""
 
     def __init__(self, config: GatewayConfig, clusters: ClusterSet, metrics: Metrics) -> None:
         self.config = config
@@ -599,9 +599,10 @@ class ProxyApp:
         ep: Endpoint,
         timeout: float,
     ) -> int:
-        """Send the response head, then stream the upstream's body to the client; returns body bytes sent."""
-        ex.respond(status, headers, b"", end=False)
-        sent = 0
+        """Send the response head (with what body has arrived), then stream the rest; returns body bytes sent."""
+        first = conn.take_buffered()
+        ex.respond(status, headers, first, end=False)
+        sent = len(first)
         try:
             while True:
                 chunk = await conn.read(timeout)

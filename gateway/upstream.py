@@ -280,17 +280,24 @@ class Connection(asyncio.Protocol):
             finally:
                 self._waiter = None
 
-    def complete_body(self) -> bytes | None:
-        """The whole response body when all of it has arrived (taking it), else None: then ``read`` it."""
-        if not self._complete or self._error is not None:
-            return None
+    def take_buffered(self) -> bytes:
+        """The body bytes that have arrived and not been read yet (b"" when none)."""
         chunks = self._chunks
         if not chunks:
             return b""
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self._buffered = 0
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
         return body
+
+    def complete_body(self) -> bytes | None:
+        """The whole response body when all of it has arrived (taking it), else None: then ``read`` it."""
+        if not self._complete or self._error is not None:
+            return None
+        return self.take_buffered()
 
     @property
     def reusable(self) -> bool:

@@ -9,7 +9,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from registry.keys import NAME_RE
 
@@ -29,6 +37,26 @@ def _duration(value: Any) -> Any:
 Duration = Annotated[float, BeforeValidator(_duration), Field(gt=0, le=24 * 3600)]
 Percent = Annotated[float, Field(ge=0, le=100)]
 ServiceName = Annotated[str, Field(pattern=NAME_RE.pattern)]
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _header_value(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError(
+            "must not contain control characters (CR, LF, NUL, ...): they would split the message"
+        )
+    return value
+
+
+def _header_name(name: str) -> str:
+    if not _TOKEN.fullmatch(name):
+        raise ValueError(f"invalid header name {name!r}")
+    return name
+
+
+HeaderValue = Annotated[str, AfterValidator(_header_value)]
+HeaderName = Annotated[str, AfterValidator(_header_name)]
 
 
 class Strict(BaseModel):
@@ -124,33 +152,28 @@ class Destination(Strict):
 
 class Redirect(Strict):
     scheme: Literal["http", "https"] | None = None
-    host: str | None = None
-    path: str | None = None
+    host: HeaderValue | None = None
+    path: HeaderValue | None = None
     status: Literal[301, 302, 303, 307, 308] = 302
 
 
 class DirectResponse(Strict):
     status: int = Field(ge=200, le=599)
     body: str = ""
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict)
 
 
 class HeaderOps(Strict):
-    set: dict[str, str] = Field(default_factory=dict)
-    add: dict[str, str] = Field(default_factory=dict)
-    remove: list[str] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _names(self) -> HeaderOps:
-        for name in [*self.set, *self.add, *self.remove]:
-            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
-                raise ValueError(f"invalid header name {name!r}")
-        return self
+    set: dict[HeaderName, HeaderValue] = Field(default_factory=dict)
+    add: dict[HeaderName, HeaderValue] = Field(default_factory=dict)
+    remove: list[HeaderName] = Field(default_factory=list)
 
 
 class Rewrite(Strict):
-    prefix: str | None = Field(None, description="replaces the matched path prefix (route match.path.prefix)")
-    host: str | None = None
+    prefix: HeaderValue | None = Field(
+        None, description="replaces the matched path prefix (route match.path.prefix)"
+    )
+    host: HeaderValue | None = None
 
 
 class Mirror(Strict):

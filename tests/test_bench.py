@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_bench_quick_smoke(tmp_path: Path) -> None:
+    workdirs = set(Path(tempfile.gettempdir()).glob("zonemesh-bench-*"))
     res = subprocess.run([sys.executable, "-m", "bench", "--quick", "--load", "bundled", "--out", str(tmp_path)],
                          cwd=REPO, capture_output=True, text=True, timeout=240)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
@@ -22,3 +24,4 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
     assert all(r["rps"] > 0 and r["errors"] == 0 for r in results["throughput"])
     assert results["propagation"]["writes"] == 20 and results["propagation"]["all_p50_ms"] > 0
     assert len(results["scale"]) == 2 and len(results["registration"]) == 4
+    assert set(Path(tempfile.gettempdir()).glob("zonemesh-bench-*")) <= workdirs  # its work dir is removed

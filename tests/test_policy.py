@@ -301,6 +301,7 @@ BAD_VALUES = {
     "bad-regex": '{"match": {"path": {"regex": "(["}}, "destinations": [{"service": "SVC"}]}',
     "out-of-range": '{"priority": 5000, "destinations": [{"service": "SVC"}]}',
     "unknown-service": '{"destinations": [{"service": "no-such-service"}]}',
+    "header-injection": '{"destinations": [{"service": "SVC"}], "response_headers": {"set": {"x-a": "1\\r\\nset-cookie: x"}}}',
 }
 
 
@@ -322,7 +323,8 @@ async def test_bad_value_keeps_last_good_and_is_reported(pm: PolicyMesh, case: s
     data = await wait_until(cfg, 5, check=lambda d: key in d["policy"]["rejected"])
     reason = data["policy"]["rejected"][key]
     expected = {"bad-json": "JSON or YAML", "bad-yaml": "JSON or YAML", "unknown-field": "colour",
-                "bad-regex": "invalid regex", "out-of-range": "priority", "unknown-service": "unknown service"}  # fmt: skip
+                "bad-regex": "invalid regex", "out-of-range": "priority", "unknown-service": "unknown service",
+                "header-injection": "control characters"}  # fmt: skip
     assert expected[case] in reason, reason
     # Traffic still flows on the last good version of that key.
     status, _, body = await request(f"{pm.a.url}/", headers={"Host": host})
