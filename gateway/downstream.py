@@ -192,11 +192,11 @@ class Exchange:
 
     def _handler_done(self, task: asyncio.Task[None]) -> None:
         """The handler returned: if it left the response unfinished (a bug), the client still gets an end."""
-        if self.response_complete:
-            return
         exc = None if task.cancelled() else task.exception()
         if exc is not None:
             log.error("request handler failed", exc_info=exc)
+        if self.response_complete:
+            return
         if not self.response_started and not self.disconnected:
             body = json.dumps({"error": "internal_error", "message": "the gateway failed to answer",
                                "request_id": None}).encode()  # fmt: skip

@@ -1,0 +1,77 @@
+"""The client-facing HTTP/1.1 protocol on its own, in process on loopback, with handlers that misbehave."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import types
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.downstream import Exchange, GatewayHttpProtocol
+from tests.mesh import raw_request
+
+
+async def crash(ex: Exchange) -> None:
+    raise RuntimeError("bug")
+
+
+async def forget(ex: Exchange) -> None:
+    return None  # never answers
+
+
+async def crash_mid_body(ex: Exchange) -> None:
+    ex.respond(200, [(b"content-length", b"10")], b"12345", end=False)
+    await asyncio.sleep(0)
+    raise RuntimeError("bug")
+
+
+async def echo_body(ex: Exchange) -> None:
+    body = b""
+    while (chunk := await ex.read_body()) is not None:
+        body += chunk
+    ex.respond(200, [(b"x-path", ex.raw_path), (b"x-query", ex.query)], body)
+
+
+HANDLERS = {b"/crash": crash, b"/forget": forget, b"/mid": crash_mid_body}
+
+
+async def route(ex: Exchange) -> None:
+    await HANDLERS.get(ex.raw_path, echo_body)(ex)
+
+
+@pytest.fixture
+async def port() -> AsyncIterator[int]:
+    config = types.SimpleNamespace(loaded=True, timeout_keep_alive=5, ws_protocol_class=None)
+    state = types.SimpleNamespace(connections=set(), tasks=set())
+    cls = GatewayHttpProtocol.configured(route, 8192, 5.0)
+    server = await asyncio.get_running_loop().create_server(lambda: cls(config, state, {}), "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+
+
+@pytest.mark.parametrize("path", ["/crash", "/forget"])
+async def test_a_handler_that_fails_to_answer_gives_a_500(port: int, path: str) -> None:
+    raw = await raw_request(
+        port,
+        f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\nGET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(),
+    )
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 500")
+    assert json.loads(rest[: rest.index(b"}") + 1])["error"] == "internal_error"
+    assert b"x-path: /after" in rest  # the connection goes on serving
+
+
+async def test_a_handler_that_fails_mid_body_closes_the_connection(port: int) -> None:
+    raw = await raw_request(port, b"GET /mid HTTP/1.1\r\nHost: x\r\n\r\n", read_timeout=3)
+    assert raw.startswith(b"HTTP/1.1 200") and raw.endswith(b"\r\n\r\n12345")  # cut short, then closed
+
+
+async def test_chunked_request_body_and_query(port: int) -> None:
+    raw = await raw_request(
+        port,
+        b"POST /p?a=1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+    )
+    assert raw.startswith(b"HTTP/1.1 200") and b"x-query: a=1" in raw and raw.endswith(b"\r\n\r\nabcde")
