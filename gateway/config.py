@@ -46,6 +46,7 @@ class GatewayConfig:
     max_body_bytes: int | None = None
     header_timeout: float = 10.0
     keepalive_timeout: int = 75
+    drain_timeout: float = 20.0  # on SIGTERM: how long in-flight requests may finish before they are cut
     # Health.
     hc_interval: float = 5.0
     hc_timeout: float = 1.0

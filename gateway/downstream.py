@@ -191,16 +191,21 @@ class Exchange:
             self._proto._response_done(self)
 
     def _handler_done(self, task: asyncio.Task[None]) -> None:
-        """The handler returned: if it left the response unfinished (a bug), the client still gets an end."""
+        """The handler returned: if it left the response unfinished (a bug, or cancelled by a shutdown that ran
+        out of time), the client still gets an end."""
+        self._proto.server_state.tasks.discard(task)
         exc = None if task.cancelled() else task.exception()
         if exc is not None:
             log.error("request handler failed", exc_info=exc)
         if self.response_complete:
             return
         if not self.response_started and not self.disconnected:
-            body = json.dumps({"error": "internal_error", "message": "the gateway failed to answer",
-                               "request_id": None}).encode()  # fmt: skip
-            self.respond(500, [(b"content-type", b"application/json")], body)
+            if task.cancelled() and self._proto.shutting_down:
+                status, code, message = 503, "shutting_down", "the gateway is shutting down"
+            else:
+                status, code, message = 500, "internal_error", "the gateway failed to answer"
+            body = json.dumps({"error": code, "message": message, "request_id": None}).encode()
+            self.respond(status, [(b"content-type", b"application/json")], body)
         else:
             self.abort()
 
@@ -381,9 +386,10 @@ class GatewayHttpProtocol(asyncio.Protocol):
 
     # --- exchanges --------------------------------------------------------------------------------------
     def _start(self, ex: Exchange) -> None:
-        # (Not in uvicorn's task set: a graceful shutdown already waits for connections with a response due.)
         self.current = ex
-        self.loop.create_task(self.handler(ex)).add_done_callback(ex._handler_done)
+        task = self.loop.create_task(self.handler(ex))
+        self.server_state.tasks.add(task)  # uvicorn cancels these when a graceful shutdown runs out of time
+        task.add_done_callback(ex._handler_done)
 
     def _response_done(self, ex: Exchange) -> None:
         if ex is not self.current:

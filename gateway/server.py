@@ -156,6 +156,7 @@ class Gateway:
                 date_header=False,
                 proxy_headers=False,
                 timeout_keep_alive=cfg.keepalive_timeout,
+                timeout_graceful_shutdown=cfg.drain_timeout,
                 log_level="warning",
                 ws_max_size=64 * 1024 * 1024,
             )

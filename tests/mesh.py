@@ -45,7 +45,7 @@ class Upstream:
         r.add_get("/close", self.close)
         r.add_get("/reset", self.reset)
         r.add_get("/midreset", self.midreset)
-        self.runner = web.AppRunner(app, access_log=None)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)  # teardown cuts slow handlers
         await self.runner.setup()
         self.port = free_port()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()

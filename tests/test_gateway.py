@@ -343,6 +343,33 @@ async def test_idle_keepalive_connection_is_closed(etcd: EmbeddedEtcd, procs: Pr
     writer.close()
 
 
+async def test_sigterm_drains_in_flight_requests_within_the_drain_timeout(
+    etcd: EmbeddedEtcd, procs: Procs
+) -> None:
+    settings = EtcdSettings(endpoints=(etcd.endpoint,), prefix=f"/gw-{uuid.uuid4().hex[:8]}")
+    up = await Upstream("drain").start()
+    try:
+        await up.register(settings, "drain", "a")
+        gw = await GatewayProc(
+            procs, settings, "a", "--drain-timeout", "1.5", "--request-timeout", "60"
+        ).ready()
+        await wait_for_known(gw, "drain", 1)
+        loop = asyncio.get_running_loop()
+        quick = asyncio.ensure_future(get(f"{gw.url}/slow/0.5", host="drain.mesh"))
+        stuck = asyncio.ensure_future(get(f"{gw.url}/slow/30", host="drain.mesh"))
+        await asyncio.sleep(0.2)
+        t0 = loop.time()
+        gw.proc.send_signal(signal.SIGTERM)
+        status, _, body = await quick
+        assert status == 200 and body == b"slow"  # finished during the drain
+        status, _, body = await stuck  # cut when the drain time is up, with an answer
+        assert status == 503 and json.loads(body)["error"] == "shutting_down"
+        assert 1.2 < loop.time() - t0 < 6
+        assert await loop.run_in_executor(None, gw.proc.wait, 10) == 0
+    finally:
+        await up.stop()
+
+
 async def test_expect_100_continue(mesh: Mesh) -> None:
     name = svc()
     await mesh.upstream(name, "a")

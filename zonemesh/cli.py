@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--header-timeout", type=_positive(float), default=10.0, help="to receive a request head (s)"
     )
     p.add_argument("--keepalive-timeout", type=_positive(int), default=75, help="client keep-alive idle (s)")
+    p.add_argument("--drain-timeout", type=_positive(float), default=20.0,
+                   help="on SIGTERM, how long in-flight requests may finish before they are cut (s)")  # fmt: skip
     p.add_argument("--pool-idle-timeout", type=_positive(float), default=60.0)
     p.add_argument("--max-connections", type=_positive(int), default=1024, help="per upstream endpoint")
     p.add_argument("--max-pending", type=_positive(int), default=1024, help="queued requests per endpoint")
@@ -414,7 +416,8 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
             strip_prefix=args.strip_prefix, balancer=args.balancer, hash_header=args.hash_header,
             connect_timeout=args.connect_timeout, request_timeout=args.request_timeout,
             body_timeout=args.body_timeout, header_timeout=args.header_timeout,
-            keepalive_timeout=args.keepalive_timeout, pool_idle_timeout=args.pool_idle_timeout,
+            keepalive_timeout=args.keepalive_timeout, drain_timeout=args.drain_timeout,
+            pool_idle_timeout=args.pool_idle_timeout,
             max_connections=args.max_connections, max_pending=args.max_pending,
             connect_retries=args.connect_retries, max_header_bytes=args.max_header_bytes,
             max_body_bytes=args.max_body_bytes, hc_interval=args.hc_interval, hc_timeout=args.hc_timeout,
