@@ -185,7 +185,7 @@ class Bench:
         return gw
 
     def load(self, port: int, path: str, host: str, conns: int) -> LoadResult:
-        run_load("127.0.0.1", port, path, host, min(conns, 64), 1)  # warm-up: pools, caches
+        run_load("127.0.0.1", port, path, host, conns, 1)  # warm-up: connections, pools, caches
         return run_load("127.0.0.1", port, path, host, conns, self.args.seconds)
 
     # --- 1. throughput ----------------------------------------------------------------------------------
