@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import random
 import types
 from collections.abc import AsyncIterator
 
@@ -75,3 +77,26 @@ async def test_chunked_request_body_and_query(port: int) -> None:
         b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
     )
     assert raw.startswith(b"HTTP/1.1 200") and b"x-query: a=1" in raw and raw.endswith(b"\r\n\r\nabcde")
+
+
+async def test_garbage_never_takes_the_server_down(port: int, caplog: pytest.LogCaptureFixture) -> None:
+    rng = random.Random(7)
+    valid = b"POST /p?q=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\nabc"
+    for _ in range(150):  # mutated, truncated and spliced requests (bounded, seeded)
+        data = bytearray(valid * rng.randint(1, 3))
+        for _ in range(rng.randint(1, 6)):
+            pos = rng.randrange(len(data))
+            what = rng.random()
+            if what < 0.4:
+                data[pos] = rng.randrange(256)
+            elif what < 0.7:
+                del data[pos : pos + rng.randint(1, 8)]
+            else:
+                data[pos:pos] = rng.choice(
+                    [b"\r\n", b"\x00", b" ", b":", b"\r\n\r\n", b"0\r\n", b"GET / HTTP/1.1"]
+                )
+        out = await raw_request(port, bytes(data), read_timeout=0.3)
+        assert out == b"" or out.startswith(b"HTTP/1.1 "), out[:80]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    raw = await raw_request(port, b"GET /still?ok=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 200") and b"x-query: ok=1" in raw
