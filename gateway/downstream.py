@@ -20,6 +20,8 @@ from typing import Any
 
 import httptools
 
+from gateway.watchdog import Watchdog
+
 log = logging.getLogger("zonemesh.gateway")
 
 HIGH_WATER = 256 * 1024
@@ -30,6 +32,13 @@ STATUS_LINE = {
     for code in range(100, 600)
 }
 _NO_BODY_STATUS = frozenset({204, 304})
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+def error_body(code: str, message: str, request_id: bytes | None) -> bytes:
+    """The JSON body of every error the gateway answers itself."""
+    rid = request_id.decode() if request_id else None
+    return json.dumps({"error": code, "message": message, "request_id": rid}).encode()
 
 
 class ClientGone(Exception):
@@ -81,7 +90,7 @@ class Exchange:
                 chunk = chunks.popleft()
                 self._buffered -= len(chunk)
                 if self._buffered < LOW_WATER:
-                    self._proto._body_drained()
+                    self._proto._resume()
                 return chunk
             if self.body_complete:
                 return None
@@ -132,8 +141,9 @@ class Exchange:
                     self.keep_alive = False
                 continue
             parts += [name, b": ", value, b"\r\n"]
-        bodyless = self.head_only or status in _NO_BODY_STATUS or status < 200
-        if not has_length and not (status in _NO_BODY_STATUS or status < 200):
+        no_body_status = status in _NO_BODY_STATUS or status < 200
+        bodyless = self.head_only or no_body_status
+        if not has_length and not no_body_status:
             if end:
                 parts += [b"content-length: ", b"%d" % len(body), b"\r\n"]
             elif self._proto.http11:
@@ -204,8 +214,7 @@ class Exchange:
                 status, code, message = 503, "shutting_down", "the gateway is shutting down"
             else:
                 status, code, message = 500, "internal_error", "the gateway failed to answer"
-            body = json.dumps({"error": code, "message": message, "request_id": None}).encode()
-            self.respond(status, [(b"content-type", b"application/json")], body)
+            self.respond(status, JSON_HEADERS, error_body(code, message, None))
         else:
             self.abort()
 
@@ -259,8 +268,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self._raw_head = 0
         self._head_since: float | None = None
         self._idle_since: float | None = None
-        self._watchdog: asyncio.TimerHandle | None = None
-        self._watch_at = 0.0
+        self._watchdog = Watchdog(self.loop, self._check)  # request-head deadline and keep-alive idle timeout
 
     # --- asyncio.Protocol -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -272,13 +280,11 @@ class GatewayHttpProtocol(asyncio.Protocol):
         if transport.get_extra_info("sslcontext") is not None:
             self.scheme = "https"
         self._idle_since = now = self.loop.time()
-        self._deadline(now + self.keepalive_timeout)
+        self._watchdog.by(now + self.keepalive_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server_state.connections.discard(self)
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
+        self._watchdog.cancel()
         for ex in (self.current, self.receiving, *self.pipeline):
             if ex is not None:
                 ex.disconnected = True
@@ -331,7 +337,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self._headers = []
         self._head_bytes = 0
         self._head_since = now = self.loop.time()
-        self._deadline(now + self.header_timeout)
+        self._watchdog.by(now + self.header_timeout)
 
     def on_url(self, url: bytes) -> None:
         self._head_bytes += len(url)
@@ -406,7 +412,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
                 self._resume()
         else:
             self._idle_since = now = self.loop.time()
-            self._deadline(now + self.keepalive_timeout)
+            self._watchdog.by(now + self.keepalive_timeout)
             self._resume()
 
     def _pause(self) -> None:
@@ -419,10 +425,6 @@ class GatewayHttpProtocol(asyncio.Protocol):
             self._paused = False
             if not self.transport.is_closing():
                 self.transport.resume_reading()
-
-    def _body_drained(self) -> None:
-        if self._paused and not self.pipeline:
-            self._resume()
 
     # --- WebSocket --------------------------------------------------------------------------------------
     def _is_websocket(self) -> bool:
@@ -437,9 +439,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
         if not self._is_websocket():
             return  # another protocol (h2c, ...): answered as plain HTTP/1.1
         self.server_state.connections.discard(self)
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
+        self._watchdog.cancel()
         head = [self.parser.get_method(), b" ", self._url, b" HTTP/1.1\r\n"]
         for name, value in self._headers:
             head += [name, b": ", value, b"\r\n"]
@@ -452,30 +452,18 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.transport.set_protocol(protocol)
 
     # --- timeouts and rejects ---------------------------------------------------------------------------
-    def _deadline(self, when: float) -> None:
-        """Make sure the watchdog fires by ``when`` (it re-arms itself for later deadlines)."""
-        if self._watchdog is None or self._watch_at > when:
-            if self._watchdog is not None:
-                self._watchdog.cancel()
-            self._watch_at = when
-            self._watchdog = self.loop.call_at(when, self._check)
-
-    def _arm(self) -> None:
-        self._watchdog = None
-        if self._head_since is not None:
-            self._deadline(self._head_since + self.header_timeout)
-        if self._idle_since is not None:
-            self._deadline(self._idle_since + self.keepalive_timeout)
-
     def _check(self) -> None:
-        """One timer per connection: request-head deadline (408) and keep-alive idle timeout."""
+        """The watchdog fired: a request head too slow (408), an idle connection (closed), or neither yet."""
         now = self.loop.time()
         if self._head_since is not None and now - self._head_since >= self.header_timeout:
             self.reject(408, "request_timeout", f"request head not received within {self.header_timeout}s")
         elif self._idle_since is not None and now - self._idle_since >= self.keepalive_timeout:
             self.transport.close()
         else:
-            self._arm()
+            if self._head_since is not None:
+                self._watchdog.by(self._head_since + self.header_timeout)
+            if self._idle_since is not None:
+                self._watchdog.by(self._idle_since + self.keepalive_timeout)
 
     def reject(self, status: int, code: str, message: str) -> None:
         """Answer a request the parser refused (or that came too slowly) and close the connection."""
@@ -488,7 +476,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
         if self.current is not None:
             self.current.keep_alive = False
             self.current.disconnected = True  # its handler must not write after our answer
-        body = json.dumps({"error": code, "message": message, "request_id": None}).encode()
+        body = error_body(code, message, None)
         self.transport.write(
             b"%bcontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%b"
             % (STATUS_LINE[status], len(body), body)

@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl
 
 from gateway.cluster import ClusterSet, Endpoint
 from gateway.config import GatewayConfig
-from gateway.downstream import ClientGone, Exchange
+from gateway.downstream import JSON_HEADERS, ClientGone, Exchange, error_body
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter, retry_after_header
 from gateway.upstream import (
@@ -61,7 +61,6 @@ REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _WS_SKIP = HOP_BY_HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
                          b"sec-websocket-protocol"}  # fmt: skip
 _MIRROR_BODY_MAX = 64 * 1024
-JSON_HEADERS = [(b"content-type", b"application/json")]
 _RID_PREFIX = os.urandom(8).hex()
 _rid_counter = itertools.count(1)
 
@@ -422,16 +421,16 @@ class ProxyApp:
                     )  # all tried: any healthy one again
                 if ep is None:
                     if last_error is not None:
-                        return self.error(req, last_error.status, last_error.code,
-                                                str(last_error), service)  # fmt: skip
+                        return self.error(req, last_error.status, last_error.code, str(last_error), service)
                     where = "in this zone" if local_only else "in any zone"
                     what = f"service {service!r}" + (f" subset {subset}" if subset else "")
-                    return self.error(req, 503, "no_healthy_upstream",
-                                            f"{what} has no healthy instance {where}", service)  # fmt: skip
+                    return self.error(
+                        req, 503, "no_healthy_upstream", f"{what} has no healthy instance {where}", service
+                    )
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     return self.error(req, 504, "upstream_timeout",
-                                            f"no response within the request timeout of {timeout}s", service)  # fmt: skip
+                                      f"no response within the request timeout of {timeout}s", service)  # fmt: skip
                 per_try = min(retry.per_try_timeout or remaining, remaining)
                 remote = ep.zone != self.zone
                 if remote:
@@ -483,13 +482,11 @@ class ProxyApp:
                         conn.close()
                         conn = None
                         self.clusters.report(ep, False)
-                        return self.error(req, exc.status, exc.code, str(exc),
-                                                service)  # fmt: skip
+                        return self.error(req, exc.status, exc.code, str(exc), service)
                     except GatewayError as exc:
                         conn.close()
                         conn = None
-                        return self.error(req, exc.status, exc.code, exc.message,
-                                                service)  # fmt: skip
+                        return self.error(req, exc.status, exc.code, exc.message, service)
                     self.clusters.report(ep, status < 500)
                     if _retriable_status(status, retry) and (
                         (status >= 500 and may_retry("5xx"))
@@ -504,9 +501,8 @@ class ProxyApp:
                         continue
                     out_headers = self._response_headers(resp_headers, req.rid, ep, resp_ops)
                     body = conn.complete_body()
-                    if (
-                        body is not None
-                    ):  # all of it is here already (small responses): one write, no streaming
+                    if body is not None:
+                        # All of it is here already (small responses): one write, no streaming.
                         ex.respond(status, out_headers, body)
                         conn.done()
                         sent = len(body)
@@ -673,7 +669,7 @@ class ProxyApp:
     ) -> None:  # fmt: skip
         """Answer with the JSON error body every gateway error uses."""
         rid = req.rid or new_request_id()
-        body = json.dumps({"error": code, "message": message, "request_id": rid.decode()}).encode()
+        body = error_body(code, message, rid)
         headers = [*JSON_HEADERS, (b"x-request-id", rid)]
         if extra_headers:
             headers += extra_headers

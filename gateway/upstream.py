@@ -14,8 +14,12 @@ from collections.abc import Iterable
 
 import httptools
 
+from gateway.watchdog import Watchdog
+
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+_HEAD_TIMEOUT = "no response head within {}s"
+_BODY_TIMEOUT = "upstream body stalled for {}s"
 
 
 class UpstreamError(Exception):
@@ -63,10 +67,9 @@ class Connection(asyncio.Protocol):
         self._active = False  # an exchange is under way
         self._pending: asyncio.Future | None = None  # what the deadline applies to (head or body wait)
         self._deadline = 0.0
-        self._deadline_kind = ""
         self._timeout = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._timeout_message = ""
+        self._watchdog = Watchdog(self._loop, self._check_deadline)
         self._complete = False
         self._error: UpstreamError | None = None
         self._reading_paused = False
@@ -105,9 +108,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._watchdog.cancel()
         if self._until_close and self._head is not None and self._head.done() and exc is None:
             self.keep_alive = False
             self._finish()
@@ -224,35 +225,25 @@ class Connection(asyncio.Protocol):
         head = self._head
         assert head is not None
         if timeout and not head.done():
-            self._expect_by(head, timeout, "head")
+            self._expect_by(head, timeout, _HEAD_TIMEOUT)
         return head
 
-    def _expect_by(self, fut: asyncio.Future, timeout: float, kind: str) -> None:
-        """``fut`` fails with UpstreamTimeout unless it is done within ``timeout``. One timer per connection,
-        re-armed lazily: most exchanges finish long before it fires, and none pays for arming and cancelling."""
+    def _expect_by(self, fut: asyncio.Future, timeout: float, message: str) -> None:
+        """``fut`` fails with UpstreamTimeout(``message`` with ``timeout``) unless done within ``timeout``."""
         self._pending = fut
         self._deadline = deadline = self._loop.time() + timeout
-        self._timeout, self._deadline_kind = timeout, kind
-        if self._timer is None or self._timer_at > deadline:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = deadline
-            self._timer = self._loop.call_at(deadline, self._check_deadline)
+        self._timeout, self._timeout_message = timeout, message
+        self._watchdog.by(deadline)
 
     def _check_deadline(self) -> None:
-        self._timer = None
         fut = self._pending
         if fut is None or fut.done():
             self._pending = None
         elif self._loop.time() >= self._deadline:
             self._pending = None
-            if self._deadline_kind == "head":
-                fut.set_exception(UpstreamTimeout(f"no response head within {self._timeout}s"))
-            else:
-                fut.set_exception(UpstreamTimeout(f"upstream body stalled for {self._timeout}s"))
+            fut.set_exception(UpstreamTimeout(self._timeout_message.format(self._timeout)))
         else:
-            self._timer_at = self._deadline
-            self._timer = self._loop.call_at(self._deadline, self._check_deadline)
+            self._watchdog.by(self._deadline)
 
     @property
     def response_started(self) -> bool:
@@ -274,7 +265,7 @@ class Connection(asyncio.Protocol):
                 raise self._error
             self._waiter = waiter = self._loop.create_future()
             if timeout:
-                self._expect_by(waiter, timeout, "body")
+                self._expect_by(waiter, timeout, _BODY_TIMEOUT)
             try:
                 await waiter
             finally:
@@ -320,9 +311,7 @@ class Connection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._watchdog.cancel()
         if not self.closed:
             self.closed = True
             if self.transport is not None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from gateway.downstream import JSON_HEADERS, error_body
 from gateway.proxy import _WS_SKIP, HOP_HEADER, REQUEST_ID_RE, _Request, new_request_id
 
 if TYPE_CHECKING:
@@ -139,10 +139,10 @@ async def _reject(
 ) -> None:
     """Refuse the handshake with an HTTP error (JSON body) when the server supports it, else close."""
     rid = req.rid
-    body = json.dumps({"error": code, "message": message, "request_id": rid.decode()}).encode()
+    body = error_body(code, message, rid)
     if "websocket.http.response" in scope.get("extensions", {}):
         await send({"type": "websocket.http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"x-request-id", rid)]})  # fmt: skip
+                    "headers": [*JSON_HEADERS, (b"x-request-id", rid)]})  # fmt: skip
         await send({"type": "websocket.http.response.body", "body": body})
     else:
         await send({"type": "websocket.close", "code": 1011 if status >= 500 else 1008})
