@@ -241,6 +241,47 @@ class GatewayProc:
         return 0
 
 
+async def wait_until(fn, timeout: float = 5.0, check=bool):  # noqa: ANN001, ANN201 - any awaitable poll
+    """Await ``fn()`` until ``check`` accepts what it returns (then return that); fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await fn()
+        if check(last):
+            return last
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
+
+
+async def start_gateways(
+    procs: Procs, settings: EtcdSettings, flags: tuple[str, ...]
+) -> tuple[GatewayProc, GatewayProc]:
+    """Gateways of zones a and b, ready, each seeing both (so cross-zone requests can be made at once)."""
+    a, b = GatewayProc(procs, settings, "a", *flags), GatewayProc(procs, settings, "b", *flags)
+    await asyncio.gather(a.ready(), b.ready())
+    for gw in (a, b):
+        await wait_until(gw.catalog, 5, check=lambda d: len(d["gateways"]) == 2)
+    return a, b
+
+
+class Mesh:
+    """Gateways of zones a and b on one etcd prefix, and the upstreams a test registers there."""
+
+    def __init__(self, settings: EtcdSettings, a: GatewayProc, b: GatewayProc) -> None:
+        self.settings, self.a, self.b = settings, a, b
+        self.upstreams: list[Upstream] = []
+
+    async def upstream(self, service: str, zone: str = "a", name: str | None = None, **kw) -> Upstream:
+        """A new upstream registered as ``service`` in ``zone``, once both gateways' catalogs have it."""
+        up = await Upstream(name or f"{service}-{zone}-{len(self.upstreams)}").start()
+        await up.register(self.settings, service, zone, **kw)
+        self.upstreams.append(up)
+        count = sum(1 for u in self.upstreams for hb in u.heartbeats if hb.record.service == service)
+        for gw in (self.a, self.b):  # both: a request may cross to the other zone's gateway
+            await wait_until(lambda gw=gw: gw.knows(service, count), 5)
+        return up
+
+
 async def raw_request(port: int, data: bytes, read_timeout: float = 5.0) -> bytes:
     """Send raw bytes on a fresh connection and return everything read until the server closes or times out."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

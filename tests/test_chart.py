@@ -4,7 +4,6 @@ Kubernetes schemas (kubernetes-validate), and its gateway ConfigMap used to conf
 from __future__ import annotations
 
 import asyncio
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,6 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from registry.embedded_etcd import EmbeddedEtcd
 from registry.etcd import EtcdSettings
 from tests.conftest import Procs
 from tests.mesh import GatewayProc
@@ -153,14 +151,13 @@ def test_schema_rejects_bad_values(values: dict, needle: str) -> None:
 
 
 async def test_rendered_gateway_config_configures_a_real_gateway(
-    etcd: EmbeddedEtcd, procs: Procs, tmp_path
+    settings: EtcdSettings, procs: Procs, tmp_path
 ) -> None:
     docs = render(
         {"gateway": {"config": {"request-timeout": 7, "max-header-bytes": 4096, "balancer": "round_robin"}}}
     )
     config = tmp_path / "gateway.yaml"
     config.write_text(find(docs, "ConfigMap", "shop-zonemesh-gateway")["data"]["gateway.yaml"])
-    settings = EtcdSettings(endpoints=(etcd.endpoint,), prefix=f"/chart-{uuid.uuid4().hex[:8]}")
     gw = await GatewayProc(procs, settings, "a", config_file=str(config)).ready()
     async with aiohttp.ClientSession() as s, s.get(f"{gw.admin}/v1/config") as r:
         cfg = await r.json()

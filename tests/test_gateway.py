@@ -15,7 +15,7 @@ import pytest
 from registry.embedded_etcd import EmbeddedEtcd, free_port
 from registry.etcd import EtcdSettings
 from tests.conftest import Procs
-from tests.mesh import GatewayProc, Upstream, parse_json_body, raw_request
+from tests.mesh import GatewayProc, Mesh, Upstream, parse_json_body, raw_request, start_gateways, wait_until
 
 GW_FLAGS = (
     "--request-timeout", "1.5", "--header-timeout", "1", "--hc-interval", "0.2", "--hc-timeout", "0.5",
@@ -24,29 +24,12 @@ GW_FLAGS = (
 )  # fmt: skip
 
 
-class Mesh:
-    def __init__(self, settings: EtcdSettings, a: GatewayProc, b: GatewayProc) -> None:
-        self.settings, self.a, self.b = settings, a, b
-        self.upstreams: list[Upstream] = []
-
-    async def upstream(self, service: str, zone: str, name: str | None = None, **kw) -> Upstream:
-        up = await Upstream(name or f"{service}-{zone}-{len(self.upstreams)}").start()
-        await up.register(self.settings, service, zone, **kw)
-        self.upstreams.append(up)
-        return up
-
-
 @pytest.fixture(scope="module")
 async def mesh(etcd: EmbeddedEtcd):
     settings = EtcdSettings(endpoints=(etcd.endpoint,), prefix=f"/gw-{uuid.uuid4().hex[:8]}")
     procs = Procs()
     try:
-        a = GatewayProc(procs, settings, "a", *GW_FLAGS)
-        b = GatewayProc(procs, settings, "b", *GW_FLAGS)
-        await asyncio.gather(a.ready(), b.ready())
-        for gw in (a, b):  # each sees both gateways before any cross-zone test runs
-            await wait_for_async(lambda gw=gw: gw.catalog(), None, 5, check=lambda d: len(d["gateways"]) == 2)
-        m = Mesh(settings, a, b)
+        m = Mesh(settings, *await start_gateways(procs, settings, GW_FLAGS))
         yield m
         for up in m.upstreams:
             await up.stop()
@@ -70,7 +53,7 @@ async def test_gateways_register_themselves(mesh: Mesh) -> None:
     async def zones() -> dict:
         return {z: len(v) for z, v in (await mesh.a.catalog())["gateways"].items()}
 
-    await wait_for_async(zones, {"a": 1, "b": 1}, 5)
+    await wait_until(zones, 5, check=lambda z: z == {"a": 1, "b": 1})
     data = await mesh.a.catalog()
     assert {z: len(v) for z, v in data["gateways"].items()} == {"a": 1, "b": 1}
     assert data["gateways"]["b"][0]["address"] == f"127.0.0.1:{mesh.b.port}"
@@ -329,8 +312,7 @@ async def test_client_connection_pipelining_http10_and_chunking(mesh: Mesh) -> N
     assert raw.count(b"HTTP/1.1 200") == 2 and b"connection: keep-alive" in raw.lower()
 
 
-async def test_idle_keepalive_connection_is_closed(etcd: EmbeddedEtcd, procs: Procs) -> None:
-    settings = EtcdSettings(endpoints=(etcd.endpoint,), prefix=f"/gw-{uuid.uuid4().hex[:8]}")
+async def test_idle_keepalive_connection_is_closed(settings: EtcdSettings, procs: Procs) -> None:
     gw = await GatewayProc(procs, settings, "a", "--keepalive-timeout", "1").ready()
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     writer.write(b"GET /x HTTP/1.1\r\nHost: nothing.mesh\r\n\r\n")
@@ -344,9 +326,8 @@ async def test_idle_keepalive_connection_is_closed(etcd: EmbeddedEtcd, procs: Pr
 
 
 async def test_sigterm_drains_in_flight_requests_within_the_drain_timeout(
-    etcd: EmbeddedEtcd, procs: Procs
+    settings: EtcdSettings, procs: Procs
 ) -> None:
-    settings = EtcdSettings(endpoints=(etcd.endpoint,), prefix=f"/gw-{uuid.uuid4().hex[:8]}")
     up = await Upstream("drain").start()
     try:
         await up.register(settings, "drain", "a")
@@ -434,8 +415,7 @@ async def test_bad_requests_get_their_status(mesh: Mesh, raw: bytes, status: int
     assert parse_json_body(out)["error"] == code
 
 
-async def test_chunked_body_over_the_limit_is_413(etcd: EmbeddedEtcd, procs: Procs) -> None:
-    settings = EtcdSettings(endpoints=(etcd.endpoint,), prefix=f"/lim-{uuid.uuid4().hex[:8]}")
+async def test_chunked_body_over_the_limit_is_413(settings: EtcdSettings, procs: Procs) -> None:
     gw = await GatewayProc(procs, settings, "a", "--max-body-bytes", "1000").ready()
     up = await Upstream().start()
     await up.register(settings, "lim", "a")
@@ -505,12 +485,12 @@ async def test_active_health_check_takes_instance_out_and_back(mesh: Mesh) -> No
         data = await mesh.a.catalog()
         return sum(ep["healthy"] for ep in data["services"][name]["a"])
 
-    await wait_for_async(lambda: healthy_count(), 1, timeout=3)
+    await wait_until(healthy_count, 3, check=lambda n: n == 1)
     for _ in range(10):
         _, _, body = await get(f"{mesh.a.url}/echo", host=f"{name}.mesh")
         assert json.loads(body)["upstream"] == "fine"
     sick.healthy = True
-    await wait_for_async(lambda: healthy_count(), 2, timeout=3)
+    await wait_until(healthy_count, 3, check=lambda n: n == 2)
 
 
 async def test_passive_outlier_ejection(mesh: Mesh) -> None:
@@ -555,8 +535,7 @@ async def test_admin_endpoints(mesh: Mesh) -> None:
         )
 
 
-async def test_two_workers_share_the_listener(etcd: EmbeddedEtcd, procs: Procs) -> None:
-    settings = EtcdSettings(endpoints=(etcd.endpoint,), prefix=f"/wk-{uuid.uuid4().hex[:8]}")
+async def test_two_workers_share_the_listener(settings: EtcdSettings, procs: Procs) -> None:
     gw = await GatewayProc(procs, settings, "a", "--workers", "2").ready()
     up = await Upstream().start()
     await up.register(settings, "two", "a")
@@ -597,18 +576,7 @@ async def test_gateway_flags_are_validated() -> None:
 
 
 async def wait_for_known(gw: GatewayProc, service: str, count: int, timeout: float = 5) -> None:
-    await wait_for_async(lambda: gw.knows(service, count), True, timeout)
-
-
-async def wait_for_async(fn, expected, timeout: float = 5, check=None) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    last = None
-    while asyncio.get_running_loop().time() < deadline:
-        last = await fn()
-        if check(last) if check else last == expected:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"expected {expected!r}, last saw {last!r}")
+    await wait_until(lambda: gw.knows(service, count), timeout)
 
 
 async def test_etcd_outage_keeps_traffic_flowing_and_access_log_is_json(tmp_path, procs: Procs) -> None:
@@ -622,7 +590,7 @@ async def test_etcd_outage_keeps_traffic_flowing_and_access_log_is_json(tmp_path
         await up.register(settings, "steady", "a", ttl=3)
         await wait_for_known(gw, "steady", 1)
         server.stop(kill=True)
-        await wait_for_async(lambda: gw.catalog(), None, 5, check=lambda d: d["stale"])
+        await wait_until(gw.catalog, 5, check=lambda d: d["stale"])
         await asyncio.sleep(3.5)  # past every lease TTL: without etcd, the last snapshot stays in force
         for _ in range(5):
             status, headers, _ = await get(
@@ -632,7 +600,7 @@ async def test_etcd_outage_keeps_traffic_flowing_and_access_log_is_json(tmp_path
         async with aiohttp.ClientSession() as s, s.get(f"{gw.admin}/readyz") as r:
             assert r.status == 200 and (await r.json())["stale"] is True
         server.start()
-        await wait_for_async(lambda: gw.catalog(), None, 10, check=lambda d: not d["stale"])
+        await wait_until(gw.catalog, 10, check=lambda d: not d["stale"])
     finally:
         server.cleanup()
         await up.stop()
@@ -661,8 +629,8 @@ async def test_restart_during_etcd_outage_serves_the_disk_snapshot(tmp_path, pro
         await store.close()
         gw = await GatewayProc(procs, settings, "a", "--snapshot-dir", str(snapdir)).ready()
         await wait_for_known(gw, "steady", 1)
-        await wait_for_async(lambda: asyncio.sleep(0, (snapdir / "catalog.json").exists()
-                                                   and (snapdir / "policy.json").exists()), True, 5)  # fmt: skip
+        await wait_until(lambda: asyncio.sleep(0, (snapdir / "catalog.json").exists()
+                                               and (snapdir / "policy.json").exists()), 5)  # fmt: skip
         await asyncio.sleep(1.2)  # snapshots are written at most once a second
         gw.proc.send_signal(signal.SIGTERM)
         gw.proc.wait(10)
@@ -683,7 +651,7 @@ async def test_restart_during_etcd_outage_serves_the_disk_snapshot(tmp_path, pro
                 return await r.json()
 
         # Back in sync with etcd: both the catalog and the policy leave the snapshot behind.
-        await wait_for_async(readyz, None, 10, check=lambda d: not d["stale"] and not d["from_snapshot"])
+        await wait_until(readyz, 10, check=lambda d: not d["stale"] and not d["from_snapshot"])
     finally:
         await up.stop()
         server.cleanup()

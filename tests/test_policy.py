@@ -16,26 +16,17 @@ from registry.embedded_etcd import EmbeddedEtcd, free_port
 from registry.etcd import EtcdSettings
 from registry.keys import Keys
 from tests.conftest import Procs, run_cli, wait_for
-from tests.mesh import GatewayProc, Upstream
+from tests.mesh import GatewayProc, Mesh, start_gateways, wait_until
 
 GW_FLAGS = ("--hc-interval", "0.2", "--outlier-consecutive", "50", "--lease-ttl", "3")
 
 
-class PolicyMesh:
+class PolicyMesh(Mesh):
     def __init__(self, settings: EtcdSettings, etcd: EmbeddedEtcd, a: GatewayProc, b: GatewayProc) -> None:
-        self.settings, self.etcd, self.a, self.b = settings, etcd, a, b
+        super().__init__(settings, a, b)
+        self.etcd = etcd
         self.store = PolicyStore(settings)
         self.keys = Keys(settings.prefix)
-        self.upstreams: list[Upstream] = []
-
-    async def upstream(self, service: str, zone: str = "a", name: str | None = None, **kw) -> Upstream:
-        up = await Upstream(name or f"{service}-{zone}-{len(self.upstreams)}").start()
-        await up.register(self.settings, service, zone, **kw)
-        self.upstreams.append(up)
-        await wait_until(
-            lambda: self.a.knows(service, sum(1 for u in self.upstreams if service in _svcs(u))), 5
-        )
-        return up
 
     async def put(self, kind: str, name: str, spec: dict) -> int:
         """Write through the store and wait until both gateways have that revision in force."""
@@ -50,23 +41,8 @@ class PolicyMesh:
         return time.monotonic() - start
 
 
-def _svcs(up: Upstream) -> set[str]:
-    return {hb.record.service for hb in up.heartbeats}
-
-
 async def _rev(gw: GatewayProc) -> int:
     return (await gw.config())["policy"]["revision"]
-
-
-async def wait_until(fn, timeout: float, check=bool):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await fn()
-        if check(last):
-            return last
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"condition not met within {timeout}s (last: {last!r})")
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +50,7 @@ async def pm(etcd: EmbeddedEtcd):
     settings = EtcdSettings(endpoints=(etcd.endpoint,), prefix=f"/pol-{uuid.uuid4().hex[:8]}")
     procs = Procs()
     try:
-        a = GatewayProc(procs, settings, "a", *GW_FLAGS)
-        b = GatewayProc(procs, settings, "b", *GW_FLAGS)
-        await asyncio.gather(a.ready(), b.ready())
-        for gw in (a, b):
-            await wait_until(gw.catalog, 5, check=lambda d: len(d["gateways"]) == 2)
-        m = PolicyMesh(settings, etcd, a, b)
+        m = PolicyMesh(settings, etcd, *await start_gateways(procs, settings, GW_FLAGS))
         yield m
         for up in m.upstreams:
             await up.stop()
