@@ -14,7 +14,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,22 +24,21 @@ from typing import Any
 
 from bench import load as bench_load
 from bench.load import LoadResult, run_load, wrk_path
-from bench.peers import PROXY_CORES, Proc, haproxy_bin, nginx_bin, pinned, start_haproxy, start_nginx
+from bench.peers import (
+    PROXY_CORES,
+    Proc,
+    haproxy_bin,
+    nginx_bin,
+    pinned,
+    start_haproxy,
+    start_nginx,
+    wait_port,
+)
 from registry.embedded_etcd import EmbeddedEtcd, die_with_parent, free_port
 from registry.etcd import EtcdSettings
 from registry.heartbeat import SyncHeartbeatClient
 from registry.keys import Keys
 from registry.model import Instance, new_instance_id
-
-
-def wait_port(port: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on port {port}")
 
 
 def log(msg: str) -> None:
@@ -155,7 +153,7 @@ class Bench:
         else:
             cmd = [sys.executable, "-m", "bench.upstream", str(self.upstream_port)]
             self.procs.append(Proc("upstream", cmd))
-            time.sleep(0.5)
+            wait_port(self.upstream_port)
             self.results["upstream"] = "bench.upstream (uvloop + httptools, 100 B / 64 KiB)"
         self.register("bench", "a", self.upstream_port)
         return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -89,6 +90,17 @@ backend be
 """
 
 
+def wait_port(port: int, timeout: float = 10) -> None:
+    """Until something accepts connections on 127.0.0.1:``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on port {port}")
+
+
 class Proc:
     def __init__(self, name: str, cmd: list[str], cores: str | None = None) -> None:
         self.name = name
@@ -118,7 +130,7 @@ def start_nginx(workdir: Path, port: int, upstream: int | None) -> Proc:
     (workdir / "nginx.conf").write_text(NGINX.format(dir=workdir, http=http.strip("\n")))
     p = Proc("nginx", [nginx_bin() or "nginx", "-c", str(workdir / "nginx.conf"), "-p", str(workdir),
                        "-g", "daemon off;"], cores=None if upstream is None else PROXY_CORES)  # fmt: skip
-    time.sleep(0.3)
+    wait_port(port)
     return p
 
 
@@ -128,5 +140,5 @@ def start_haproxy(workdir: Path, port: int, upstream: int) -> Proc:
     p = Proc(
         "haproxy", [haproxy_bin() or "haproxy", "-f", str(workdir / "haproxy.cfg"), "-db"], cores=PROXY_CORES
     )
-    time.sleep(0.3)
+    wait_port(port)
     return p
