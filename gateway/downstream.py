@@ -26,11 +26,17 @@ log = logging.getLogger("zonemesh.gateway")
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
-STATUS_LINE = {
-    code: b"HTTP/1.1 %d %b\r\n"
-    % (code, http.HTTPStatus(code).phrase.encode() if code in http.HTTPStatus._value2member_map_ else b"")  # noqa: E501
-    for code in range(100, 600)
-}
+
+
+def _status_line(code: int) -> bytes:
+    try:
+        phrase = http.HTTPStatus(code).phrase.encode()
+    except ValueError:
+        phrase = b""
+    return b"HTTP/1.1 %d %b\r\n" % (code, phrase)
+
+
+STATUS_LINE = {code: _status_line(code) for code in range(100, 600)}
 _NO_BODY_STATUS = frozenset({204, 304})
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
