@@ -6,7 +6,7 @@ import bisect
 import hashlib
 import random
 from collections.abc import Sequence
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 
 class Weighted(Protocol):
@@ -18,7 +18,7 @@ class Weighted(Protocol):
 class Balancer:
     """Picks one endpoint from a non-empty sequence of available ones."""
 
-    name = "base"
+    name: ClassVar[str] = "base"
 
     def pick(self, endpoints: Sequence[Weighted], key: bytes | None = None) -> Weighted:
         raise NotImplementedError
@@ -27,7 +27,7 @@ class Balancer:
 class RoundRobin(Balancer):
     """Smooth weighted round robin (nginx's algorithm): even spread, proportional to weight."""
 
-    name = "round_robin"
+    name: ClassVar[str] = "round_robin"
 
     def __init__(self) -> None:
         self._current: dict[str, int] = {}
@@ -57,7 +57,7 @@ class RoundRobin(Balancer):
 class LeastRequest(Balancer):
     """Power of two choices: of two random endpoints, the one with fewer requests in flight per weight."""
 
-    name = "least_request"
+    name: ClassVar[str] = "least_request"
 
     def pick(self, endpoints: Sequence[Weighted], key: bytes | None = None) -> Weighted:
         n = len(endpoints)
@@ -76,8 +76,8 @@ class RingHash(Balancer):
     """Consistent hashing on a request key (e.g. a header): the same key lands on the same endpoint while it
     is available, and only ~1/n of keys move when an endpoint comes or goes. Without a key: random."""
 
-    name = "ring_hash"
-    POINTS_PER_WEIGHT = 1  # points per weight unit (weight 100 -> 100 points)
+    name: ClassVar[str] = "ring_hash"
+    POINTS_PER_WEIGHT: ClassVar[int] = 1  # points per weight unit (weight 100 -> 100 points)
 
     def __init__(self) -> None:
         self._ring_ids: tuple[str, ...] = ()

@@ -229,22 +229,26 @@ Handler = Callable[[Exchange], Awaitable[None]]
 
 
 class GatewayHttpProtocol(asyncio.Protocol):
-    """Set ``handler``, ``max_header_bytes`` and ``header_timeout`` on a subclass (see ``configured``)."""
-
-    handler: Handler
-    max_header_bytes = 64 * 1024
-    header_timeout = 10.0
+    """One client connection; uvicorn makes them through the factory ``configured`` returns."""
 
     @classmethod
     def configured(
         cls, handler: Handler, max_header_bytes: int, header_timeout: float
-    ) -> type[GatewayHttpProtocol]:
-        attrs = {"handler": staticmethod(handler), "max_header_bytes": max_header_bytes,
-                 "header_timeout": header_timeout}  # fmt: skip
-        return type("GatewayHttpProtocol", (cls,), attrs)
+    ) -> Callable[..., GatewayHttpProtocol]:
+        """A protocol factory for uvicorn's ``http=`` (called with uvicorn's config and server state)."""
+
+        def make(config: Any, server_state: Any, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> GatewayHttpProtocol:  # fmt: skip
+            return cls(config, server_state, app_state, _loop, handler, max_header_bytes, header_timeout)
+
+        return make
 
     def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
-                 _loop: asyncio.AbstractEventLoop | None = None) -> None:  # fmt: skip
+                 _loop: asyncio.AbstractEventLoop | None, handler: Handler, max_header_bytes: int,
+                 header_timeout: float) -> None:  # fmt: skip
+        self.handler = handler
+        self.max_header_bytes = max_header_bytes
+        self.header_timeout = header_timeout
         if not config.loaded:
             config.load()
         self.config = config
@@ -399,7 +403,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
     # --- exchanges --------------------------------------------------------------------------------------
     def _start(self, ex: Exchange) -> None:
         self.current = ex
-        task = self.loop.create_task(self.handler(ex))
+        task: asyncio.Task[None] = self.loop.create_task(self.handler(ex))  # type: ignore[arg-type]
         self.server_state.tasks.add(task)  # uvicorn cancels these when a graceful shutdown runs out of time
         task.add_done_callback(ex._handler_done)
 

@@ -56,7 +56,7 @@ class Metrics:
             for name, value in data["counters"].items():
                 prev = out.counters.get(name)
                 base = prev() if prev else 0
-                out.counters[name] = lambda v=base + value: v
+                out.counters[name] = _constant(base + value)
         return out
 
     def render(self) -> str:
@@ -88,6 +88,10 @@ class Metrics:
                 out += _header(metric, kind, metric.replace("_", " "))
                 out.append(f"{metric} {fn():g}")
         return "\n".join(out) + "\n"
+
+
+def _constant(value: float) -> Callable[[], float]:
+    return lambda: value
 
 
 def _header(name: str, kind: str, help_text: str) -> Iterable[str]:

@@ -28,6 +28,7 @@ from gateway.ratelimit import RateLimiter, retry_after_header
 from gateway.upstream import (
     ConnectFailed,
     PoolExhausted,
+    UpstreamAnswered,
     UpstreamError,
     UpstreamReset,
     UpstreamTimeout,
@@ -61,13 +62,13 @@ REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _WS_SKIP = HOP_BY_HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
                          b"sec-websocket-protocol"}  # fmt: skip
 _MIRROR_BODY_MAX = 64 * 1024
-_RID_PREFIX = os.urandom(8).hex()
+_RID_PREFIX = os.urandom(8).hex().encode()
 _rid_counter = itertools.count(1)
 
 
 def new_request_id() -> bytes:
     """A request id unique across processes and restarts: random per process, then a counter (cheap)."""
-    return f"{_RID_PREFIX}{next(_rid_counter):016x}".encode()
+    return b"%s%016x" % (_RID_PREFIX, next(_rid_counter))
 
 
 class GatewayError(Exception):
@@ -103,7 +104,8 @@ class _Request:
         self.rid = b""
         self.clen: bytes | None = None
         self.chunked = self.hopped = False
-        self.hop_service = self.hop_subset = None
+        self.hop_service: bytes | None = None
+        self.hop_subset: bytes | None = None
         self.conn_tokens: set[bytes] | None = None
         self.fwd_for: bytes | None = None
         self.body_len = 0
@@ -113,6 +115,34 @@ class _Request:
             if n == name:
                 return v
         return None
+
+
+class _Forwarding:
+    """One request's way to its upstreams: what to send, and the tries so far (for retries and budgets)."""
+
+    __slots__ = (
+        "req", "service", "retry", "subset", "target", "headers", "timeout", "idle_timeout", "local_only",
+        "hash_key", "mirror_body", "resp_ops", "tried", "retries_left", "body_started", "last_error", "in_retry",
+    )  # fmt: skip
+
+    def __init__(self, req: _Request, service: str, retry: RetryPolicy) -> None:
+        self.req = req
+        self.service = service
+        self.retry = retry
+        self.subset: dict[str, str] | None = None
+        self.target = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.timeout = 0.0
+        self.idle_timeout = 0.0
+        self.local_only = False
+        self.hash_key: bytes | None = None
+        self.mirror_body: list[bytes] | None = None
+        self.resp_ops: HeaderOps | None = None
+        self.tried: list[Endpoint] = []
+        self.retries_left = retry.attempts
+        self.body_started = False
+        self.last_error: UpstreamError | None = None
+        self.in_retry = False
 
 
 class ProxyApp:
@@ -371,153 +401,157 @@ class ProxyApp:
         mirror_body: list[bytes] | None,
     ) -> None:  # fmt: skip
         """Try endpoints until one answers or the retry policy says stop; then relay the response."""
-        method = req.method
-        deadline = req.start + timeout
-        target = upstream_path + (b"?" + req.query if req.query else b"")
-        tried: list[Endpoint] = []
-        retries_left = retry.attempts
-        retry_on = retry.retry_on
-        idempotent = method in IDEMPOTENT or retry.allow_non_idempotent
-        body_started = False
-        last_error: UpstreamError | None = None
-        in_retry = False
-        resp_ops = route.spec.response_headers if route is not None else None
-        active_retries = self.clusters.active_retries
-
-        def may_retry(condition: str) -> bool:
-            nonlocal retries_left, in_retry
-            if (
-                retries_left <= 0
-                or condition not in retry_on
-                or (body_started and condition != "connect-failure")
-            ):
-                return False
-            if condition != "connect-failure" and not idempotent:
-                return False
-            budget = max(retry.min_retry_concurrency,
-                         retry.budget_percent / 100 * self.clusters.active_requests[service])  # fmt: skip
-            if not in_retry and active_retries[service] >= budget:
-                self.metrics.errors["retry_budget_exhausted"] += 1
-                return False
-            retries_left -= 1
-            if not in_retry:
-                in_retry = True
-                active_retries[service] += 1
-            self.metrics.errors["retries"] += 1
-            return True
-
-        def failed(ep: Endpoint, exc: UpstreamError) -> UpstreamError:
-            """An attempt failed: passive health learns it, and retries go elsewhere."""
-            self.clusters.report(ep, False)
-            tried.append(ep)
-            return exc
-
+        f = _Forwarding(req, service, retry)
+        f.subset, f.headers, f.timeout, f.idle_timeout = subset, headers, timeout, idle_timeout
+        f.local_only, f.hash_key, f.mirror_body = local_only, hash_key, mirror_body
+        f.target = upstream_path + (b"?" + req.query if req.query else b"")
+        f.resp_ops = route.spec.response_headers if route is not None else None
         try:
-            while True:
-                ep = self.pick(service, tried, local_only, hash_key, subset)
-                if ep is None and tried and last_error is not None:
-                    ep = self.pick(
-                        service, [], local_only, hash_key, subset
-                    )  # all tried: any healthy one again
-                if ep is None:
-                    if last_error is not None:
-                        return self.error(req, last_error.status, last_error.code, str(last_error), service)
-                    where = "in this zone" if local_only else "in any zone"
-                    what = f"service {service!r}" + (f" subset {subset}" if subset else "")
-                    return self.error(
-                        req, 503, "no_healthy_upstream", f"{what} has no healthy instance {where}", service
-                    )
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    return self.error(req, 504, "upstream_timeout",
-                                      f"no response within the request timeout of {timeout}s", service)  # fmt: skip
-                per_try = min(retry.per_try_timeout or remaining, remaining)
-                remote = ep.zone != self.zone
-                if remote:
-                    extra = [(HOP_HEADER, self.zone_b), (SERVICE_HEADER, service.encode())]
-                    if subset:
-                        extra.append((SUBSET_HEADER, _encode_subset(subset)))
-                    head = build_head(method, target, headers + extra)
-                else:
-                    head = build_head(method, target, headers)
-                if tried and last_error is not None:
-                    await asyncio.sleep(random.uniform(0, min(0.25, 0.025 * 2 ** len(tried))))
-                ep.active += 1
-                conn = ep.pool.idle_connection()
-                reused = True
-                try:
-                    try:
-                        if conn is None:
-                            conn, reused = await ep.pool.acquire()
-                    except ConnectFailed as exc:
-                        last_error = failed(ep, exc)
-                        if may_retry("connect-failure"):
-                            continue
-                        return self.error(req, 502, exc.code, str(exc), service)
-                    except PoolExhausted as exc:
-                        return self.error(req, 503, exc.code, str(exc), service)
-                    try:
-                        conn.send_head(head, method == "HEAD")
-                        if req.body_len:
-                            body_started = True
-                            await self._send_body(conn, ex, req.body_len, idle_timeout, mirror_body)
-                        status, resp_headers = await conn.read_head(per_try)
-                    except UpstreamReset as exc:
-                        conn.close()
-                        conn = None
-                        if reused and not body_started:
-                            continue  # a kept-alive connection the upstream had closed: retry on a fresh one
-                        last_error = failed(ep, exc)
-                        if may_retry("reset"):
-                            continue
-                        return self.error(req, 502, exc.code, str(exc), service)
-                    except UpstreamTimeout as exc:
-                        conn.close()
-                        conn = None
-                        last_error = failed(ep, exc)
-                        if may_retry("5xx") or may_retry("gateway-error"):
-                            continue
-                        return self.error(req, 504, exc.code, str(exc), service)
-                    except UpstreamError as exc:
-                        conn.close()
-                        conn = None
-                        self.clusters.report(ep, False)
-                        return self.error(req, exc.status, exc.code, str(exc), service)
-                    except GatewayError as exc:
-                        conn.close()
-                        conn = None
-                        return self.error(req, exc.status, exc.code, exc.message, service)
-                    self.clusters.report(ep, status < 500)
-                    if _retriable_status(status, retry) and (
-                        (status >= 500 and may_retry("5xx"))
-                        or (502 <= status <= 504 and may_retry("gateway-error"))
-                        or (status in retry.retriable_status_codes and may_retry("retriable-status-codes"))
-                    ):
-                        conn.close()
-                        conn = None
-                        tried.append(ep)
-                        last_error = UpstreamReset(f"upstream answered {status}")
-                        last_error.status, last_error.code = status, "upstream_error"
-                        continue
-                    out_headers = self._response_headers(resp_headers, req.rid, ep, resp_ops)
-                    body = conn.complete_body()
-                    if body is not None:
-                        # All of it is here already (small responses): one write, no streaming.
-                        ex.respond(status, out_headers, body)
-                        conn.done()
-                        sent = len(body)
-                    else:
-                        sent = await self._stream_response(conn, ex, status, out_headers, ep, idle_timeout)
-                    conn = None
-                    self._done(req, status, service, ep, sent, None)
-                    return
-                finally:
-                    ep.active -= 1
-                    if conn is not None:  # the exchange did not finish cleanly (error or cancellation)
-                        conn.close()
+            while not await self._attempt(f, ex):
+                pass
         finally:
-            if in_retry:
-                active_retries[service] -= 1
+            if f.in_retry:
+                self.clusters.active_retries[service] -= 1
+
+    def _may_retry(self, f: _Forwarding, condition: str) -> bool:
+        """Whether the retry policy (conditions, attempts left, retry budget) allows another try."""
+        retry = f.retry
+        if (
+            f.retries_left <= 0
+            or condition not in retry.retry_on
+            or (f.body_started and condition != "connect-failure")
+        ):
+            return False
+        if condition != "connect-failure" and not (f.req.method in IDEMPOTENT or retry.allow_non_idempotent):
+            return False
+        active_retries = self.clusters.active_retries
+        budget = max(retry.min_retry_concurrency,
+                     retry.budget_percent / 100 * self.clusters.active_requests[f.service])  # fmt: skip
+        if not f.in_retry and active_retries[f.service] >= budget:
+            self.metrics.errors["retry_budget_exhausted"] += 1
+            return False
+        f.retries_left -= 1
+        if not f.in_retry:
+            f.in_retry = True
+            active_retries[f.service] += 1
+        self.metrics.errors["retries"] += 1
+        return True
+
+    def _failed(self, f: _Forwarding, ep: Endpoint, exc: UpstreamError) -> None:
+        """An attempt failed: passive health learns it, and retries go elsewhere."""
+        self.clusters.report(ep, False)
+        f.tried.append(ep)
+        f.last_error = exc
+
+    async def _attempt(self, f: _Forwarding, ex: Exchange) -> bool:
+        """One try at one endpoint. True when the request was answered (relayed or an error), False to retry."""
+        req, service, subset, retry = f.req, f.service, f.subset, f.retry
+        method = req.method
+        ep = self.pick(service, f.tried, f.local_only, f.hash_key, subset)
+        if ep is None and f.tried and f.last_error is not None:
+            ep = self.pick(service, [], f.local_only, f.hash_key, subset)  # all tried: any healthy one again
+        if ep is None:
+            err = f.last_error
+            if err is not None:
+                self.error(req, err.status, err.code, str(err), service)
+                return True
+            where = "in this zone" if f.local_only else "in any zone"
+            what = f"service {service!r}" + (f" subset {subset}" if subset else "")
+            self.error(req, 503, "no_healthy_upstream", f"{what} has no healthy instance {where}", service)
+            return True
+        remaining = req.start + f.timeout - time.perf_counter()
+        if remaining <= 0:
+            self.error(req, 504, "upstream_timeout", f"no response within the request timeout of {f.timeout}s",
+                       service)  # fmt: skip
+            return True
+        per_try = min(retry.per_try_timeout or remaining, remaining)
+        if ep.zone != self.zone:
+            extra = [(HOP_HEADER, self.zone_b), (SERVICE_HEADER, service.encode())]
+            if subset:
+                extra.append((SUBSET_HEADER, _encode_subset(subset)))
+            head = build_head(method, f.target, f.headers + extra)
+        else:
+            head = build_head(method, f.target, f.headers)
+        if f.tried and f.last_error is not None:
+            await asyncio.sleep(random.uniform(0, min(0.25, 0.025 * 2 ** len(f.tried))))
+        ep.active += 1
+        conn = ep.pool.idle_connection()
+        try:
+            reused = True
+            try:
+                if conn is None:
+                    conn, reused = await ep.pool.acquire()
+            except ConnectFailed as refused:
+                self._failed(f, ep, refused)
+                if self._may_retry(f, "connect-failure"):
+                    return False
+                self.error(req, 502, refused.code, str(refused), service)
+                return True
+            except PoolExhausted as full:
+                self.error(req, 503, full.code, str(full), service)
+                return True
+            try:
+                conn.send_head(head, method == "HEAD")
+                if req.body_len:
+                    f.body_started = True
+                    await self._send_body(conn, ex, req.body_len, f.idle_timeout, f.mirror_body)
+                status, resp_headers = await conn.read_head(per_try)
+            except UpstreamReset as reset:
+                conn.close()
+                conn = None
+                if reused and not f.body_started:
+                    return False  # a kept-alive connection the upstream had closed: retry on a fresh one
+                self._failed(f, ep, reset)
+                if self._may_retry(f, "reset"):
+                    return False
+                self.error(req, 502, reset.code, str(reset), service)
+                return True
+            except UpstreamTimeout as slow:
+                conn.close()
+                conn = None
+                self._failed(f, ep, slow)
+                if self._may_retry(f, "5xx") or self._may_retry(f, "gateway-error"):
+                    return False
+                self.error(req, 504, slow.code, str(slow), service)
+                return True
+            except UpstreamError as failure:
+                conn.close()
+                conn = None
+                self.clusters.report(ep, False)
+                self.error(req, failure.status, failure.code, str(failure), service)
+                return True
+            except GatewayError as rejected:
+                conn.close()
+                conn = None
+                self.error(req, rejected.status, rejected.code, rejected.message, service)
+                return True
+            self.clusters.report(ep, status < 500)
+            if _retriable_status(status, retry) and (
+                (status >= 500 and self._may_retry(f, "5xx"))
+                or (502 <= status <= 504 and self._may_retry(f, "gateway-error"))
+                or (status in retry.retriable_status_codes and self._may_retry(f, "retriable-status-codes"))
+            ):
+                conn.close()
+                conn = None
+                f.tried.append(ep)
+                f.last_error = UpstreamAnswered(status)
+                return False
+            out_headers = self._response_headers(resp_headers, req.rid, ep, f.resp_ops)
+            body = conn.complete_body()
+            if body is not None:
+                # All of it is here already (small responses): one write, no streaming.
+                ex.respond(status, out_headers, body)
+                conn.done()
+                sent = len(body)
+            else:
+                sent = await self._stream_response(conn, ex, status, out_headers, ep, f.idle_timeout)
+            conn = None
+            self._done(req, status, service, ep, sent, None)
+            return True
+        finally:
+            ep.active -= 1
+            if conn is not None:  # the exchange did not finish cleanly (error or cancellation)
+                conn.close()
 
     async def _send_body(
         self, conn: Any, ex: Exchange, body_len: int, timeout: float, tee: list[bytes] | None

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
+import gateway
 from gateway.admin import make_admin_app, make_worker_stats_app
 from gateway.cluster import ClusterSet, base_policy
 from gateway.config import GatewayConfig
@@ -182,8 +183,8 @@ class Gateway:
             tasks.append(asyncio.ensure_future(stats.serve()))
         evictor = asyncio.ensure_future(self._evict_idle())
         tune_gc()
-        log.info("gateway %s zone %s listening on %s:%d (admin %s)", cfg.gateway_id, cfg.zone, cfg.listen[0],
-                 self.port, self.admin_port if self.serve_admin else "-")  # fmt: skip
+        log.info("gateway %s zone %s listening on %s:%d (admin %s); request path: %s", cfg.gateway_id, cfg.zone,
+                 cfg.listen[0], self.port, self.admin_port if self.serve_admin else "-", gateway.RUNNING)  # fmt: skip
         try:
             done, _ = await asyncio.wait(
                 [asyncio.ensure_future(stop.wait()), *tasks], return_when="FIRST_COMPLETED"

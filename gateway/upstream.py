@@ -11,6 +11,7 @@ import collections
 import socket
 import time
 from collections.abc import Iterable
+from typing import ClassVar
 
 import httptools
 
@@ -23,28 +24,43 @@ _BODY_TIMEOUT = "upstream body stalled for {}s"
 
 
 class UpstreamError(Exception):
-    """An exchange with an upstream failed; ``code`` is the client-facing error code."""
+    """An exchange with an upstream failed: ``status`` and ``code`` are what the client is answered."""
 
-    code = "upstream_reset"
-    status = 502
+    STATUS: ClassVar[int] = 502
+    CODE: ClassVar[str] = "upstream_reset"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.status = self.STATUS
+        self.code = self.CODE
 
 
 class ConnectFailed(UpstreamError):
-    code = "upstream_connect_failed"
+    CODE = "upstream_connect_failed"
 
 
 class UpstreamReset(UpstreamError):
-    code = "upstream_reset"
+    CODE = "upstream_reset"
 
 
 class UpstreamTimeout(UpstreamError):
-    code = "upstream_timeout"
-    status = 504
+    STATUS = 504
+    CODE = "upstream_timeout"
 
 
 class PoolExhausted(UpstreamError):
-    code = "circuit_open"
-    status = 503
+    STATUS = 503
+    CODE = "circuit_open"
+
+
+class UpstreamAnswered(UpstreamError):
+    """The upstream answered a status the retry policy retries (what the client gets when retries run out)."""
+
+    CODE = "upstream_error"
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"upstream answered {status}")
+        self.status = status
 
 
 class Connection(asyncio.Protocol):

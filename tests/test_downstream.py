@@ -47,8 +47,8 @@ async def route(ex: Exchange) -> None:
 async def port() -> AsyncIterator[int]:
     config = types.SimpleNamespace(loaded=True, timeout_keep_alive=5, ws_protocol_class=None)
     state = types.SimpleNamespace(connections=set(), tasks=set())
-    cls = GatewayHttpProtocol.configured(route, 8192, 5.0)
-    server = await asyncio.get_running_loop().create_server(lambda: cls(config, state, {}), "127.0.0.1", 0)
+    make = GatewayHttpProtocol.configured(route, 8192, 5.0)
+    server = await asyncio.get_running_loop().create_server(lambda: make(config, state, {}), "127.0.0.1", 0)
     yield server.sockets[0].getsockname()[1]
     server.close()
 
