@@ -15,7 +15,7 @@ import collections
 import http
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import httptools
@@ -57,12 +57,16 @@ class _HeadersTooLarge(Exception):
 
 class Exchange:
     """One request on a client connection: its head, its body (``read_body``) and the response
-    (``respond`` -> ``write``* -> ``end``)."""
+    (``respond`` -> ``write``* -> ``end``).
+
+    While it is in flight it sits in uvicorn's ``server_state.tasks``: a graceful shutdown that runs out of
+    time calls ``cancel``, as it does for tasks.
+    """
 
     __slots__ = (
         "method", "raw_path", "query", "headers", "client_ip", "client_ip_b", "scheme", "keep_alive", "head_only",
         "disconnected", "response_started", "response_complete", "body_complete", "_proto", "_chunks",
-        "_buffered", "_waiter", "_expect_continue", "_chunked",
+        "_buffered", "_waiter", "_expect_continue", "_chunked", "_task",
     )  # fmt: skip
 
     def __init__(self, proto: GatewayHttpProtocol, method: str, raw_path: bytes, query: bytes,
@@ -86,6 +90,7 @@ class Exchange:
         self._waiter: asyncio.Future[None] | None = None
         self._expect_continue = expect_continue
         self._chunked = False
+        self._task: asyncio.Task[None] | None = None
 
     # --- the request body -------------------------------------------------------------------------------
     async def read_body(self) -> bytes | None:
@@ -206,17 +211,27 @@ class Exchange:
             self.response_complete = True
             self._proto._response_done(self)
 
-    def _handler_done(self, task: asyncio.Task[None]) -> None:
-        """The handler returned: if it left the response unfinished (a bug, or cancelled by a shutdown that ran
-        out of time), the client still gets an end."""
-        self._proto.server_state.tasks.discard(task)
-        exc = None if task.cancelled() else task.exception()
+    # --- the handler ------------------------------------------------------------------------------------
+    def run(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Go on serving this exchange in a task running ``coro``."""
+        self._task = task = self._proto.loop.create_task(coro)
+        task.add_done_callback(self._handler_done)
+
+    def cancel(self, msg: str | None = None) -> None:
+        """A graceful shutdown ran out of time: stop serving this exchange."""
+        if self._task is not None:
+            self._task.cancel(msg)
+        elif not self.response_complete:  # (answered soon: uvicorn is iterating over its tasks)
+            self._proto.loop.call_soon(self.fail, None, True)
+
+    def fail(self, exc: BaseException | None, cancelled: bool = False) -> None:
+        """Serving this exchange failed (``exc``, a bug) or was cancelled: the client still gets an end."""
         if exc is not None:
             log.error("request handler failed", exc_info=exc)
         if self.response_complete:
             return
         if not self.response_started and not self.disconnected:
-            if task.cancelled() and self._proto.shutting_down:
+            if cancelled and self._proto.shutting_down:
                 status, code, message = 503, "shutting_down", "the gateway is shutting down"
             else:
                 status, code, message = 500, "internal_error", "the gateway failed to answer"
@@ -224,8 +239,17 @@ class Exchange:
         else:
             self.abort()
 
+    def _handler_done(self, task: asyncio.Task[None]) -> None:
+        self._task = None
+        cancelled = task.cancelled()
+        exc = None if cancelled else task.exception()
+        if exc is not None or not self.response_complete:
+            self.fail(exc, cancelled)
 
-Handler = Callable[[Exchange], Awaitable[None]]
+
+# Serves an exchange: answers it, or leaves it to callbacks that will, or returns a coroutine that will (run
+# as a task). Async functions are handlers too.
+Handler = Callable[[Exchange], Coroutine[Any, Any, None] | None]
 
 
 class GatewayHttpProtocol(asyncio.Protocol):
@@ -377,11 +401,15 @@ class GatewayHttpProtocol(asyncio.Protocol):
                 path, query = url, b""
         self.http11 = parser.get_http_version() == "1.1"
         expect = False
+        has_body = False
         for name, value in self._headers:
             if name == b"expect" and value.lower() == b"100-continue":
                 expect = True
+            elif name == b"transfer-encoding" or (name == b"content-length" and value.strip(b" \t0")):
+                has_body = True
         ex = Exchange(self, parser.get_method().decode("ascii"), path, query, self._headers,
                       parser.should_keep_alive(), expect)  # fmt: skip
+        ex.body_complete = not has_body  # (a request without a length or chunking ends with its head)
         self.receiving = ex
         if self.current is None:
             self._start(ex)
@@ -403,11 +431,17 @@ class GatewayHttpProtocol(asyncio.Protocol):
     # --- exchanges --------------------------------------------------------------------------------------
     def _start(self, ex: Exchange) -> None:
         self.current = ex
-        task: asyncio.Task[None] = self.loop.create_task(self.handler(ex))  # type: ignore[arg-type]
-        self.server_state.tasks.add(task)  # uvicorn cancels these when a graceful shutdown runs out of time
-        task.add_done_callback(ex._handler_done)
+        self.server_state.tasks.add(ex)  # uvicorn cancels these when a graceful shutdown runs out of time
+        try:
+            coro = self.handler(ex)
+        except Exception as exc:
+            ex.fail(exc)
+            return
+        if coro is not None:
+            ex.run(coro)
 
     def _response_done(self, ex: Exchange) -> None:
+        self.server_state.tasks.discard(ex)
         if ex is not self.current:
             return
         self.current = None

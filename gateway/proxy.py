@@ -17,6 +17,7 @@ import os
 import random
 import re
 import time
+from collections.abc import Coroutine
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -27,6 +28,7 @@ from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter, retry_after_header
 from gateway.upstream import (
     ConnectFailed,
+    Connection,
     PoolExhausted,
     UpstreamAnswered,
     UpstreamError,
@@ -121,8 +123,9 @@ class _Forwarding:
     """One request's way to its upstreams: what to send, and the tries so far (for retries and budgets)."""
 
     __slots__ = (
-        "req", "service", "retry", "subset", "target", "headers", "timeout", "idle_timeout", "local_only",
-        "hash_key", "mirror_body", "resp_ops", "tried", "retries_left", "body_started", "last_error", "in_retry",
+        "req", "service", "retry", "subset", "path", "target", "headers", "timeout", "idle_timeout", "local_only",
+        "hash_key", "mirror_to", "mirror_body", "resp_ops", "tried", "retries_left", "body_started", "last_error",
+        "in_retry", "picked",
     )  # fmt: skip
 
     def __init__(self, req: _Request, service: str, retry: RetryPolicy) -> None:
@@ -130,12 +133,14 @@ class _Forwarding:
         self.service = service
         self.retry = retry
         self.subset: dict[str, str] | None = None
+        self.path = b""  # for the upstream, without the query
         self.target = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.timeout = 0.0
         self.idle_timeout = 0.0
         self.local_only = False
         self.hash_key: bytes | None = None
+        self.mirror_to: str | None = None  # the service a copy goes to
         self.mirror_body: list[bytes] | None = None
         self.resp_ops: HeaderOps | None = None
         self.tried: list[Endpoint] = []
@@ -143,6 +148,23 @@ class _Forwarding:
         self.body_started = False
         self.last_error: UpstreamError | None = None
         self.in_retry = False
+        self.picked: Endpoint | None = None  # chosen already, for the next try (balancers pick once per try)
+
+
+_HeadFuture = asyncio.Future[tuple[int, list[tuple[bytes, bytes]]]]
+_Pending = tuple[Endpoint, Connection, _HeadFuture]  # a request sent, and its response head to come
+
+
+class _HeadCallback:
+    """``ProxyApp._on_head`` for one request, as a future's done callback."""
+
+    __slots__ = ("proxy", "f", "ex", "ep", "conn")
+
+    def __init__(self, proxy: ProxyApp, f: _Forwarding, ex: Exchange, ep: Endpoint, conn: Connection) -> None:
+        self.proxy, self.f, self.ex, self.ep, self.conn = proxy, f, ex, ep, conn
+
+    def __call__(self, fut: _HeadFuture) -> None:
+        self.proxy._on_head(self.f, self.ex, self.ep, self.conn, fut)
 
 
 class ProxyApp:
@@ -244,78 +266,159 @@ class ProxyApp:
             )
 
     # --- HTTP -------------------------------------------------------------------------------------------
-    async def handle(self, ex: Exchange) -> None:
-        """Serve one client request (the HTTP protocol's handler)."""
+    def handle(self, ex: Exchange) -> Coroutine[Any, Any, None] | None:
+        """Serve one client request (the HTTP protocol's handler). Most are answered from the upstream
+        connection's callback; what has to wait (a request body, a retry, a fault delay, a streamed
+        response) goes on in a coroutine, returned for the protocol to run."""
         req = _Request(ex.method, ex.raw_path, ex.query, ex.headers, ex.client_ip, ex.scheme, ex)
         try:
             self._parse(req)
         except GatewayError as exc:
-            return self.error(req, exc.status, exc.code, exc.message)
-        table = self.clusters.table
+            self.error(req, exc.status, exc.code, exc.message)
+            return None
         trusted_hop = req.hopped and req.client_ip in self.clusters.gateway_hosts
         route: CompiledRoute | None = None
+        if not (trusted_hop and req.hop_service):
+            table = self.clusters.table
+            if table.routes:
+                route = table.match(req.method, _host_name(req.host), req.raw_path.decode("latin-1"),
+                                    _headers_dict(req.headers) if table.needs_headers else {},
+                                    _query_dict(req.query) if req.query else None)  # fmt: skip
+            if route is not None and route.spec.fault is not None:
+                delay = route.spec.fault.delay
+                if delay is not None and random.random() * 100 < delay.percent:
+                    return self._delayed(delay.duration, req, ex, trusted_hop, route)
+        return self._serve(req, ex, trusted_hop, route)
+
+    async def _delayed(
+        self, seconds: float, req: _Request, ex: Exchange, trusted_hop: bool, route: CompiledRoute
+    ) -> None:
+        """A route's injected delay, then the request as usual."""
+        await asyncio.sleep(seconds)
+        rest = self._serve(req, ex, trusted_hop, route, in_task=True)
+        if rest is not None:
+            await rest
+
+    def _serve(
+        self,
+        req: _Request,
+        ex: Exchange,
+        trusted_hop: bool,
+        route: CompiledRoute | None,
+        in_task: bool = False,
+    ) -> Coroutine[Any, Any, None] | None:
+        """Route filters and service policy, then forwarding: from callbacks when nothing has to wait (and
+        not ``in_task``: a task must not end before its exchange does)."""
         subset: dict[str, str] | None = None
-        if trusted_hop and req.hop_service:
+        if route is not None:
+            if self._route_filters(route, req):
+                return None
+            dest = route.pick_destination()
+            service, subset = dest.service, (dest.subset or None)
+            upstream_path = _rewrite(route, req.raw_path)
+        elif trusted_hop and req.hop_service:
             # A peer gateway already matched the route and chose the service: deliver locally.
             service = req.hop_service.decode("latin-1")
             upstream_path = req.raw_path
             subset = _decode_subset(req.hop_subset)
         else:
-            if table.routes:
-                route = table.match(req.method, _host_name(req.host), req.raw_path.decode("latin-1"),
-                                    _headers_dict(req.headers) if table.needs_headers else {},
-                                    _query_dict(req.query) if req.query else None)  # fmt: skip
-            if route is not None:
-                answered = await self._route_filters(route, req)
-                if answered:
-                    return
-                dest = route.pick_destination()
-                service, subset = dest.service, (dest.subset or None)
-                upstream_path = _rewrite(route, req.raw_path)
-            else:
-                routed = self.route(req.host, req.raw_path)
-                if routed is None:
-                    host_s, path_s = req.host.decode("latin-1"), req.raw_path.decode("latin-1")
-                    return self.error(req, 404, "no_route", f"no route for host {host_s!r} path {path_s!r}")
-                service, upstream_path = routed
-        policy = table.service_policy(service)
+            routed = self.route(req.host, req.raw_path)
+            if routed is None:
+                host_s, path_s = req.host.decode("latin-1"), req.raw_path.decode("latin-1")
+                self.error(req, 404, "no_route", f"no route for host {host_s!r} path {path_s!r}")
+                return None
+            service, upstream_path = routed
+        policy = self.clusters.table.service_policy(service)
         if policy.rate_limit is not None and not trusted_hop:
             if self._rate_limited(policy.rate_limit, f"s/{service}", req, service):
-                return
-        active = self.clusters.active_requests
-        if active[service] >= policy.circuit_breaker.max_requests:
-            return self.error(req, 503, "circuit_open", f"service {service!r} has {active[service]} requests in "
-                              f"flight (limit {policy.circuit_breaker.max_requests})", service)  # fmt: skip
-        headers = self._request_headers(req, trusted_hop, route)
+                return None
+        active = self.clusters.active_requests[service]
+        if active >= policy.circuit_breaker.max_requests:
+            self.error(req, 503, "circuit_open", f"service {service!r} has {active} requests in flight "
+                       f"(limit {policy.circuit_breaker.max_requests})", service)  # fmt: skip
+            return None
         spec = route.spec if route is not None else None
-        retry = spec.retries if spec is not None and spec.retries is not None else policy.retries
-        timeout = spec.timeout if spec is not None and spec.timeout is not None else policy.timeouts.request
-        mirror_body: list[bytes] | None = None
-        if spec is not None and spec.mirror is not None and random.random() * 100 < spec.mirror.percent:
-            if req.body_len == 0 or 0 < req.body_len <= _MIRROR_BODY_MAX:
-                mirror_body = []
-            else:
-                self.metrics.errors["mirror_skipped_body"] += 1
-        hash_key = req.header(policy.hash_header.encode()) if policy.balancer == "ring_hash" else None
-        local_only = req.hopped or not policy.zone_failover
-        active[service] += 1
-        try:
-            await self._forward(req, ex, service, subset, upstream_path, headers, retry, timeout,
-                                policy.timeouts.idle, local_only, hash_key, route, mirror_body)  # fmt: skip
-        finally:
-            active[service] -= 1
-        if mirror_body is not None and spec is not None and spec.mirror is not None:
-            self._spawn(self._mirror(spec.mirror.service, req, upstream_path, headers, b"".join(mirror_body)))
+        f = _Forwarding(
+            req, service, spec.retries if spec is not None and spec.retries is not None else policy.retries
+        )
+        f.subset = subset
+        f.path = upstream_path
+        f.target = upstream_path + (b"?" + req.query if req.query else b"")
+        f.headers = self._request_headers(req, trusted_hop, route)
+        f.timeout = spec.timeout if spec is not None and spec.timeout is not None else policy.timeouts.request
+        f.idle_timeout = policy.timeouts.idle
+        f.local_only = req.hopped or not policy.zone_failover
+        if policy.balancer == "ring_hash":
+            f.hash_key = req.header(policy.hash_header.encode())
+        if spec is not None:
+            f.resp_ops = spec.response_headers
+            if spec.mirror is not None and random.random() * 100 < spec.mirror.percent:
+                if req.body_len == 0 or 0 < req.body_len <= _MIRROR_BODY_MAX:
+                    f.mirror_body = []
+                    f.mirror_to = spec.mirror.service
+                else:
+                    self.metrics.errors["mirror_skipped_body"] += 1
+        if not in_task and req.body_len == 0 and f.mirror_to is None and self._send_from_callback(f, ex):
+            return None
+        return self._forward(f, ex, None)
 
-    async def _route_filters(self, route: CompiledRoute, req: _Request) -> bool:
+    def _send_from_callback(self, f: _Forwarding, ex: Exchange) -> bool:
+        """Send the request on an idle connection and answer from the callback of its response head. False
+        when that cannot be done here (no endpoint, no idle connection): the async path takes it."""
+        ep = self.pick(f.service, f.tried, f.local_only, f.hash_key, f.subset)
+        if ep is None:
+            return False
+        conn = ep.pool.idle_connection()
+        if conn is None:
+            f.picked = ep
+            return False
+        try:
+            conn.send_head(self._head(f, ep), f.req.method == "HEAD")
+        except UpstreamReset:
+            conn.close()
+            f.picked = ep
+            return False
+        self.clusters.active_requests[f.service] += 1
+        ep.active += 1
+        fut = conn.read_head(min(f.retry.per_try_timeout or f.timeout, f.timeout))
+        fut.add_done_callback(_HeadCallback(self, f, ex, ep, conn))
+        return True
+
+    def _on_head(self, f: _Forwarding, ex: Exchange, ep: Endpoint, conn: Connection, fut: _HeadFuture) -> None:
+        """The response head (or a failure) arrived for a request sent from a callback."""
+        handed_over = False
+        try:
+            failed = fut.cancelled() or fut.exception() is not None
+            if ex.response_started:  # answered meanwhile (a shutdown that ran out of time)
+                conn.close()
+                return
+            if not failed:
+                status, headers = fut.result()
+                body = None if _retriable_status(status, f.retry) else conn.complete_body()
+                if body is not None:
+                    self.clusters.report(ep, status < 500)
+                    ex.respond(status, self._response_headers(headers, f.req.rid, ep, f.resp_ops), body)
+                    conn.done()
+                    self._done(f.req, status, f.service, ep, len(body), None)
+                    return
+            # Anything else (a failure, a retry, a streamed body): the async path goes on from here.
+            ex.run(self._forward(f, ex, (ep, conn, fut)))
+            handed_over = True
+        except Exception as exc:
+            conn.close()
+            ex.fail(exc)
+        finally:
+            if not handed_over:
+                ep.active -= 1
+                self.clusters.active_requests[f.service] -= 1
+
+    def _route_filters(self, route: CompiledRoute, req: _Request) -> bool:
         """Route-level rate limit, faults, redirect and direct response. True when the request was answered."""
         spec = route.spec
         if spec.rate_limit is not None and self._rate_limited(spec.rate_limit, f"r/{route.name}", req, ""):
             return True
         if spec.fault is not None:
-            delay, abort = spec.fault.delay, spec.fault.abort
-            if delay is not None and random.random() * 100 < delay.percent:
-                await asyncio.sleep(delay.duration)
+            abort = spec.fault.abort
             if abort is not None and random.random() * 100 < abort.percent:
                 self.error(req, abort.status, "fault_injected", f"fault injected by route {route.name!r}")
                 return True
@@ -394,24 +497,30 @@ class ProxyApp:
                 out = _apply_header_ops(out, spec.request_headers)
         return out
 
-    async def _forward(
-        self, req: _Request, ex: Exchange, service: str, subset: dict[str, str] | None,
-        upstream_path: bytes, headers: list[tuple[bytes, bytes]], retry: RetryPolicy, timeout: float,
-        idle_timeout: float, local_only: bool, hash_key: bytes | None, route: CompiledRoute | None,
-        mirror_body: list[bytes] | None,
-    ) -> None:  # fmt: skip
-        """Try endpoints until one answers or the retry policy says stop; then relay the response."""
-        f = _Forwarding(req, service, retry)
-        f.subset, f.headers, f.timeout, f.idle_timeout = subset, headers, timeout, idle_timeout
-        f.local_only, f.hash_key, f.mirror_body = local_only, hash_key, mirror_body
-        f.target = upstream_path + (b"?" + req.query if req.query else b"")
-        f.resp_ops = route.spec.response_headers if route is not None else None
+    async def _forward(self, f: _Forwarding, ex: Exchange, pending: _Pending | None) -> None:
+        """Try endpoints until one answers or the retry policy says stop; then relay the response.
+        ``pending``: a request already sent from a callback, whose response head (or failure) is in."""
+        active = self.clusters.active_requests
+        if pending is None:
+            active[f.service] += 1
         try:
-            while not await self._attempt(f, ex):
-                pass
+            while not await self._attempt(f, ex, pending):
+                pending = None
         finally:
+            active[f.service] -= 1
             if f.in_retry:
-                self.clusters.active_retries[service] -= 1
+                self.clusters.active_retries[f.service] -= 1
+        if f.mirror_to is not None and f.mirror_body is not None:
+            self._spawn(self._mirror(f.mirror_to, f.req, f.path, f.headers, b"".join(f.mirror_body)))
+
+    def _head(self, f: _Forwarding, ep: Endpoint) -> bytes:
+        """The request head for ``ep``; a peer gateway also gets the service (and subset) it is for."""
+        if ep.zone == self.zone:
+            return build_head(f.req.method, f.target, f.headers)
+        extra = [(HOP_HEADER, self.zone_b), (SERVICE_HEADER, f.service.encode())]
+        if f.subset:
+            extra.append((SUBSET_HEADER, _encode_subset(f.subset)))
+        return build_head(f.req.method, f.target, f.headers + extra)
 
     def _may_retry(self, f: _Forwarding, condition: str) -> bool:
         """Whether the retry policy (conditions, attempts left, retry budget) allows another try."""
@@ -443,59 +552,69 @@ class ProxyApp:
         f.tried.append(ep)
         f.last_error = exc
 
-    async def _attempt(self, f: _Forwarding, ex: Exchange) -> bool:
-        """One try at one endpoint. True when the request was answered (relayed or an error), False to retry."""
+    async def _attempt(self, f: _Forwarding, ex: Exchange, pending: _Pending | None) -> bool:
+        """One try at one endpoint (or the end of one ``pending``). True when the request was answered
+        (relayed or an error), False to try again."""
         req, service, subset, retry = f.req, f.service, f.subset, f.retry
         method = req.method
-        ep = self.pick(service, f.tried, f.local_only, f.hash_key, subset)
-        if ep is None and f.tried and f.last_error is not None:
-            ep = self.pick(service, [], f.local_only, f.hash_key, subset)  # all tried: any healthy one again
-        if ep is None:
-            err = f.last_error
-            if err is not None:
-                self.error(req, err.status, err.code, str(err), service)
-                return True
-            where = "in this zone" if f.local_only else "in any zone"
-            what = f"service {service!r}" + (f" subset {subset}" if subset else "")
-            self.error(req, 503, "no_healthy_upstream", f"{what} has no healthy instance {where}", service)
-            return True
-        remaining = req.start + f.timeout - time.perf_counter()
-        if remaining <= 0:
-            self.error(req, 504, "upstream_timeout", f"no response within the request timeout of {f.timeout}s",
-                       service)  # fmt: skip
-            return True
-        per_try = min(retry.per_try_timeout or remaining, remaining)
-        if ep.zone != self.zone:
-            extra = [(HOP_HEADER, self.zone_b), (SERVICE_HEADER, service.encode())]
-            if subset:
-                extra.append((SUBSET_HEADER, _encode_subset(subset)))
-            head = build_head(method, f.target, f.headers + extra)
+        reused = True
+        ep: Endpoint
+        conn: Connection | None
+        if pending is not None:
+            ep, conn, head_fut = pending
+            per_try = 0.0
         else:
-            head = build_head(method, f.target, f.headers)
-        if f.tried and f.last_error is not None:
-            await asyncio.sleep(random.uniform(0, min(0.25, 0.025 * 2 ** len(f.tried))))
-        ep.active += 1
-        conn = ep.pool.idle_connection()
+            found = f.picked or self.pick(service, f.tried, f.local_only, f.hash_key, subset)
+            f.picked = None
+            if found is None and f.tried and f.last_error is not None:
+                found = self.pick(
+                    service, [], f.local_only, f.hash_key, subset
+                )  # all tried: any healthy one again
+            if found is None:
+                err = f.last_error
+                if err is not None:
+                    self.error(req, err.status, err.code, str(err), service)
+                    return True
+                where = "in this zone" if f.local_only else "in any zone"
+                what = f"service {service!r}" + (f" subset {subset}" if subset else "")
+                self.error(
+                    req, 503, "no_healthy_upstream", f"{what} has no healthy instance {where}", service
+                )
+                return True
+            ep = found
+            remaining = req.start + f.timeout - time.perf_counter()
+            if remaining <= 0:
+                self.error(req, 504, "upstream_timeout",
+                           f"no response within the request timeout of {f.timeout}s", service)  # fmt: skip
+                return True
+            per_try = min(retry.per_try_timeout or remaining, remaining)
+            head = self._head(f, ep)
+            if f.tried and f.last_error is not None:
+                await asyncio.sleep(random.uniform(0, min(0.25, 0.025 * 2 ** len(f.tried))))
+            ep.active += 1
+            conn = ep.pool.idle_connection()
         try:
-            reused = True
-            try:
-                if conn is None:
+            if conn is None:
+                try:
                     conn, reused = await ep.pool.acquire()
-            except ConnectFailed as refused:
-                self._failed(f, ep, refused)
-                if self._may_retry(f, "connect-failure"):
-                    return False
-                self.error(req, 502, refused.code, str(refused), service)
-                return True
-            except PoolExhausted as full:
-                self.error(req, 503, full.code, str(full), service)
-                return True
+                except ConnectFailed as refused:
+                    self._failed(f, ep, refused)
+                    if self._may_retry(f, "connect-failure"):
+                        return False
+                    self.error(req, 502, refused.code, str(refused), service)
+                    return True
+                except PoolExhausted as full:
+                    self.error(req, 503, full.code, str(full), service)
+                    return True
             try:
-                conn.send_head(head, method == "HEAD")
-                if req.body_len:
-                    f.body_started = True
-                    await self._send_body(conn, ex, req.body_len, f.idle_timeout, f.mirror_body)
-                status, resp_headers = await conn.read_head(per_try)
+                if pending is not None:
+                    status, resp_headers = await head_fut
+                else:
+                    conn.send_head(head, method == "HEAD")
+                    if req.body_len:
+                        f.body_started = True
+                        await self._send_body(conn, ex, req.body_len, f.idle_timeout, f.mirror_body)
+                    status, resp_headers = await conn.read_head(per_try)
             except UpstreamReset as reset:
                 conn.close()
                 conn = None
