@@ -384,7 +384,9 @@ class ProxyApp:
         fut.add_done_callback(_HeadCallback(self, f, ex, ep, conn))
         return True
 
-    def _on_head(self, f: _Forwarding, ex: Exchange, ep: Endpoint, conn: Connection, fut: _HeadFuture) -> None:
+    def _on_head(
+        self, f: _Forwarding, ex: Exchange, ep: Endpoint, conn: Connection, fut: _HeadFuture
+    ) -> None:
         """The response head (or a failure) arrived for a request sent from a callback."""
         handed_over = False
         try:
