@@ -151,7 +151,7 @@ class Exchange:
                 if value.lower() == b"close":
                     self.keep_alive = False
                 continue
-            parts += [name, b": ", value, b"\r\n"]
+            parts.append(b"%b: %b\r\n" % (name, value))
         no_body_status = status in _NO_BODY_STATUS or status < 200
         bodyless = self.head_only or no_body_status
         if not has_length and not no_body_status:

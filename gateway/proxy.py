@@ -64,13 +64,14 @@ REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _WS_SKIP = HOP_BY_HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
                          b"sec-websocket-protocol"}  # fmt: skip
 _MIRROR_BODY_MAX = 64 * 1024
+_HOST_CACHE_SIZE = 4096
 _RID_PREFIX = os.urandom(8).hex().encode()
-_rid_counter = itertools.count(1)
+_rid_counter = itertools.count(1 << 63)  # (16 hex digits from the start)
 
 
 def new_request_id() -> bytes:
     """A request id unique across processes and restarts: random per process, then a counter (cheap)."""
-    return b"%s%016x" % (_RID_PREFIX, next(_rid_counter))
+    return _RID_PREFIX + b"%x" % next(_rid_counter)
 
 
 class GatewayError(Exception):
@@ -181,6 +182,7 @@ class ProxyApp:
         self.suffix = config.host_suffix.encode()
         self.log_access = config.access_log
         self._background: set[asyncio.Task[None]] = set()
+        self._host_services: dict[bytes, str] = {}  # Host header -> service, for <service><suffix> hosts
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """ASGI, for what the HTTP protocol hands over: WebSocket upgrades (HTTP goes to ``handle``)."""
@@ -197,11 +199,17 @@ class ProxyApp:
     # --- request analysis -------------------------------------------------------------------------------
     def route(self, host: bytes, raw_path: bytes) -> tuple[str, bytes] | None:
         """Default routing: ``(service, path for the instance)`` or None when nothing routes."""
+        service = self._host_services.get(host)
+        if service is not None:
+            return service, raw_path
         name = host.rsplit(b":", 1)[0] if not host.endswith(b"]") else host
         name = name.lower()
         if name.endswith(self.suffix):
             service = name[: -len(self.suffix)].decode("latin-1")
             if NAME_RE.match(service):
+                if len(self._host_services) >= _HOST_CACHE_SIZE:
+                    self._host_services.clear()
+                self._host_services[host] = service
                 return service, raw_path
         if self.config.path_routing and raw_path.startswith(b"/"):
             seg, _, rest = raw_path[1:].partition(b"/")
@@ -358,6 +366,7 @@ class ProxyApp:
                     f.mirror_to = spec.mirror.service
                 else:
                     self.metrics.errors["mirror_skipped_body"] += 1
+        self.clusters.active_requests[service] += 1  # (with the breaker's check: nothing in between awaits)
         if not in_task and req.body_len == 0 and f.mirror_to is None and self._send_from_callback(f, ex):
             return None
         return self._forward(f, ex, None)
@@ -378,7 +387,6 @@ class ProxyApp:
             conn.close()
             f.picked = ep
             return False
-        self.clusters.active_requests[f.service] += 1
         ep.active += 1
         fut = conn.read_head(min(f.retry.per_try_timeout or f.timeout, f.timeout))
         fut.add_done_callback(_HeadCallback(self, f, ex, ep, conn))
@@ -501,10 +509,9 @@ class ProxyApp:
 
     async def _forward(self, f: _Forwarding, ex: Exchange, pending: _Pending | None) -> None:
         """Try endpoints until one answers or the retry policy says stop; then relay the response.
-        ``pending``: a request already sent from a callback, whose response head (or failure) is in."""
+        ``pending``: a request already sent from a callback, whose response head (or failure) is in.
+        It ends the request's count in ``active_requests`` that ``_serve`` started."""
         active = self.clusters.active_requests
-        if pending is None:
-            active[f.service] += 1
         try:
             while not await self._attempt(f, ex, pending):
                 pending = None

@@ -483,6 +483,6 @@ def build_head(method: str, target: bytes, headers: Iterable[tuple[bytes, bytes]
     """The request line and header block."""
     parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
     for name, value in headers:
-        parts += [name, b": ", value, b"\r\n"]
+        parts.append(b"%b: %b\r\n" % (name, value))
     parts.append(b"\r\n")
     return b"".join(parts)
