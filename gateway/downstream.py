@@ -391,7 +391,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
         if parser.should_upgrade() and self._is_websocket():
             return  # handed to the WebSocket protocol when httptools raises HttpParserUpgrade
         url = self._url
-        if url[:1] == b"/" and b"#" not in url:
+        if url[:1] == b"/" and url.find(b"#") < 0:  # (find: "in" tries the bytes as an int first)
             path, _, query = url.partition(b"?")
         else:  # absolute-form, asterisk-form or a fragment
             try:

@@ -36,8 +36,8 @@ from gateway.upstream import (
     UpstreamTimeout,
     build_head,
 )
-from policy.compile import CompiledRoute
-from policy.models import HeaderOps, RateLimit, RetryPolicy
+from policy.compile import CompiledRoute, RoutingTable
+from policy.models import HeaderOps, RateLimit, RetryPolicy, ServicePolicy
 from registry.keys import NAME_RE
 
 access_log = logging.getLogger("zonemesh.access")
@@ -64,7 +64,7 @@ REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _WS_SKIP = HOP_BY_HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
                          b"sec-websocket-protocol"}  # fmt: skip
 _MIRROR_BODY_MAX = 64 * 1024
-_HOST_CACHE_SIZE = 4096
+_CACHE_SIZE = 4096  # entries of the per-Host and per-service caches (cleared when full)
 _RID_PREFIX = os.urandom(8).hex().encode()
 _rid_counter = itertools.count(1 << 63)  # (16 hex digits from the start)
 
@@ -152,6 +152,31 @@ class _Forwarding:
         self.picked: Endpoint | None = None  # chosen already, for the next try (balancers pick once per try)
 
 
+class _ServicePlan:
+    """What the request path reads of a service's policy, read once (pydantic attributes are slow to read)."""
+
+    __slots__ = (
+        "rate_limit",
+        "max_requests",
+        "retries",
+        "timeout",
+        "idle_timeout",
+        "zone_failover",
+        "hash_header",
+    )
+
+    def __init__(self, policy: ServicePolicy) -> None:
+        self.rate_limit: RateLimit | None = policy.rate_limit
+        self.max_requests: int = policy.circuit_breaker.max_requests
+        self.retries: RetryPolicy = policy.retries
+        self.timeout: float = policy.timeouts.request
+        self.idle_timeout: float = policy.timeouts.idle
+        self.zone_failover: bool = policy.zone_failover
+        self.hash_header: bytes | None = (
+            policy.hash_header.encode() if policy.balancer == "ring_hash" else None
+        )
+
+
 _HeadFuture = asyncio.Future[tuple[int, list[tuple[bytes, bytes]]]]
 _Pending = tuple[Endpoint, Connection, _HeadFuture]  # a request sent, and its response head to come
 
@@ -183,6 +208,8 @@ class ProxyApp:
         self.log_access = config.access_log
         self._background: set[asyncio.Task[None]] = set()
         self._host_services: dict[bytes, str] = {}  # Host header -> service, for <service><suffix> hosts
+        self._plans: dict[str, _ServicePlan] = {}
+        self._plans_table: RoutingTable | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """ASGI, for what the HTTP protocol hands over: WebSocket upgrades (HTTP goes to ``handle``)."""
@@ -207,7 +234,7 @@ class ProxyApp:
         if name.endswith(self.suffix):
             service = name[: -len(self.suffix)].decode("latin-1")
             if NAME_RE.match(service):
-                if len(self._host_services) >= _HOST_CACHE_SIZE:
+                if len(self._host_services) >= _CACHE_SIZE:
                     self._host_services.clear()
                 self._host_services[host] = service
                 return service, raw_path
@@ -336,28 +363,28 @@ class ProxyApp:
                 self.error(req, 404, "no_route", f"no route for host {host_s!r} path {path_s!r}")
                 return None
             service, upstream_path = routed
-        policy = self.clusters.table.service_policy(service)
-        if policy.rate_limit is not None and not trusted_hop:
-            if self._rate_limited(policy.rate_limit, f"s/{service}", req, service):
+        plan = self._plan(service)
+        if plan.rate_limit is not None and not trusted_hop:
+            if self._rate_limited(plan.rate_limit, f"s/{service}", req, service):
                 return None
         active = self.clusters.active_requests[service]
-        if active >= policy.circuit_breaker.max_requests:
+        if active >= plan.max_requests:
             self.error(req, 503, "circuit_open", f"service {service!r} has {active} requests in flight "
-                       f"(limit {policy.circuit_breaker.max_requests})", service)  # fmt: skip
+                       f"(limit {plan.max_requests})", service)  # fmt: skip
             return None
         spec = route.spec if route is not None else None
         f = _Forwarding(
-            req, service, spec.retries if spec is not None and spec.retries is not None else policy.retries
+            req, service, spec.retries if spec is not None and spec.retries is not None else plan.retries
         )
         f.subset = subset
         f.path = upstream_path
         f.target = upstream_path + (b"?" + req.query if req.query else b"")
         f.headers = self._request_headers(req, trusted_hop, route)
-        f.timeout = spec.timeout if spec is not None and spec.timeout is not None else policy.timeouts.request
-        f.idle_timeout = policy.timeouts.idle
-        f.local_only = req.hopped or not policy.zone_failover
-        if policy.balancer == "ring_hash":
-            f.hash_key = req.header(policy.hash_header.encode())
+        f.timeout = spec.timeout if spec is not None and spec.timeout is not None else plan.timeout
+        f.idle_timeout = plan.idle_timeout
+        f.local_only = req.hopped or not plan.zone_failover
+        if plan.hash_header is not None:
+            f.hash_key = req.header(plan.hash_header)
         if spec is not None:
             f.resp_ops = spec.response_headers
             if spec.mirror is not None and random.random() * 100 < spec.mirror.percent:
@@ -370,6 +397,16 @@ class ProxyApp:
         if not in_task and req.body_len == 0 and f.mirror_to is None and self._send_from_callback(f, ex):
             return None
         return self._forward(f, ex, None)
+
+    def _plan(self, service: str) -> _ServicePlan:
+        """``service``'s policy as the request path reads it (made once per routing table)."""
+        table = self.clusters.table
+        if table is not self._plans_table or len(self._plans) >= _CACHE_SIZE:
+            self._plans, self._plans_table = {}, table
+        plan = self._plans.get(service)
+        if plan is None:
+            plan = self._plans[service] = _ServicePlan(table.service_policy(service))
+        return plan
 
     def _send_from_callback(self, f: _Forwarding, ex: Exchange) -> bool:
         """Send the request on an idle connection and answer from the callback of its response head. False
