@@ -182,15 +182,17 @@ _Pending = tuple[Endpoint, Connection, _HeadFuture]  # a request sent, and its r
 
 
 class _HeadCallback:
-    """``ProxyApp._on_head`` for one request, as a future's done callback."""
+    """``ProxyApp._on_head`` for one request, as the upstream connection's ``on_head``."""
 
-    __slots__ = ("proxy", "f", "ex", "ep", "conn")
+    __slots__ = ("proxy", "f", "ex", "ep", "conn", "fut")
 
-    def __init__(self, proxy: ProxyApp, f: _Forwarding, ex: Exchange, ep: Endpoint, conn: Connection) -> None:
-        self.proxy, self.f, self.ex, self.ep, self.conn = proxy, f, ex, ep, conn
+    def __init__(
+        self, proxy: ProxyApp, f: _Forwarding, ex: Exchange, ep: Endpoint, conn: Connection, fut: _HeadFuture
+    ) -> None:
+        self.proxy, self.f, self.ex, self.ep, self.conn, self.fut = proxy, f, ex, ep, conn, fut
 
-    def __call__(self, fut: _HeadFuture) -> None:
-        self.proxy._on_head(self.f, self.ex, self.ep, self.conn, fut)
+    def __call__(self) -> None:
+        self.proxy._on_head(self.f, self.ex, self.ep, self.conn, self.fut)
 
 
 class ProxyApp:
@@ -426,7 +428,7 @@ class ProxyApp:
             return False
         ep.active += 1
         fut = conn.read_head(min(f.retry.per_try_timeout or f.timeout, f.timeout))
-        fut.add_done_callback(_HeadCallback(self, f, ex, ep, conn))
+        conn.on_head = _HeadCallback(self, f, ex, ep, conn, fut)
         return True
 
     def _on_head(
@@ -516,14 +518,15 @@ class ProxyApp:
         skip = _REQUEST_SKIP | req.conn_tokens if req.conn_tokens else _REQUEST_SKIP
         out: list[tuple[bytes, bytes]] = []
         via = self.via
-        for name, value in req.headers:
+        for header in req.headers:
+            name = header[0]
             if name in skip:
                 if name == b"via":
-                    via = value + b", " + self.via
+                    via = header[1] + b", " + self.via
                 continue
             if not trusted and (name == b"x-forwarded-proto" or name == b"x-forwarded-host"):
                 continue
-            out.append((name, value))
+            out.append(header)
         ip = req.ex.client_ip_b if req.ex is not None else req.client_ip.encode()
         out.append((b"x-request-id", req.rid))
         out.append((b"x-forwarded-for", req.fwd_for + b", " + ip if req.fwd_for else ip))
@@ -763,20 +766,24 @@ class ProxyApp:
     ) -> list[tuple[bytes, bytes]]:
         """The upstream's response headers as the client gets them: hop-by-hop ones out, ours in."""
         skip = _RESPONSE_SKIP
-        for name, value in up_headers:  # (names are lower-case)
-            if name == b"connection" and value.lower() not in _PLAIN_CONNECTION:
-                skip = skip | {t.strip().lower() for t in value.split(b",")}
-        headers = []
+        headers: list[tuple[bytes, bytes]] = []
         via = self.via
         has_zone = False
-        for name, value in up_headers:
+        for header in up_headers:  # (names are lower-case)
+            name = header[0]
             if name in skip:
                 if name == b"via":
-                    via = value + b", " + self.via
+                    via = header[1] + b", " + self.via
+                elif name == b"connection" and header[1].lower() not in _PLAIN_CONNECTION:
+                    # It names more hop-by-hop headers, maybe some already copied.
+                    named = {t.strip().lower() for t in header[1].split(b",")}
+                    skip = skip | named
+                    headers = [h for h in headers if h[0] not in named]
+                    has_zone = has_zone and ZONE_HEADER not in named
                 continue
             if name == ZONE_HEADER:
                 has_zone = True
-            headers.append((name, value))
+            headers.append(header)
         headers.append((b"x-request-id", rid))
         headers.append((b"via", via))
         if not has_zone:

@@ -10,7 +10,7 @@ import asyncio
 import collections
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import ClassVar
 
 import httptools
@@ -93,6 +93,9 @@ class Connection(asyncio.Protocol):
         self._until_close = False
         self.keep_alive = False
         self.upgraded = False
+        # Called once, outside the parser, when the response head of the exchange is in (or it failed): the
+        # alternative to awaiting ``read_head``'s future, for whoever set it after ``send_head``.
+        self.on_head: Callable[[], None] | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -115,6 +118,8 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamReset(f"invalid HTTP response from upstream: {exc}"))
             self.close()
+        if self.on_head is not None:
+            self._head_news()
 
     def eof_received(self) -> bool | None:
         if self._until_close and self._head is not None and self._head.done():
@@ -133,6 +138,8 @@ class Connection(asyncio.Protocol):
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
         self.pool._forget(self)
+        if self.on_head is not None:
+            self._head_news()
 
     def pause_writing(self) -> None:
         if self._drain is None or self._drain.done():
@@ -158,7 +165,7 @@ class Connection(asyncio.Protocol):
         for name, value in self._headers:
             if name == b"content-length":
                 content_length = True
-            elif name == b"transfer-encoding" and b"chunked" in value.lower():
+            elif name == b"transfer-encoding" and value.lower().find(b"chunked") >= 0:
                 chunked = True
         self._until_close = (
             not chunked
@@ -194,6 +201,14 @@ class Connection(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def _head_news(self) -> None:
+        """Call ``on_head`` when the head future is done."""
+        head = self._head
+        callback = self.on_head
+        if callback is not None and head is not None and head.done():
+            self.on_head = None
+            callback()
+
     def _finish(self) -> None:
         self._complete = True
         self._wake()
@@ -210,6 +225,7 @@ class Connection(asyncio.Protocol):
     def send_head(self, head: bytes, is_head_request: bool) -> None:
         """Start an exchange by writing the request line and headers."""
         self.uses += 1
+        self.on_head = None
         if self._parser is None:
             self._parser = httptools.HttpResponseParser(self)
         self._active = True
@@ -258,6 +274,8 @@ class Connection(asyncio.Protocol):
         elif self._loop.time() >= self._deadline:
             self._pending = None
             fut.set_exception(UpstreamTimeout(self._timeout_message.format(self._timeout)))
+            if self.on_head is not None:
+                self._head_news()
         else:
             self._watchdog.by(self._deadline)
 
