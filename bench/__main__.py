@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import gateway
 from bench import load as bench_load
 from bench.load import LoadResult, run_load, wrk_path
 from bench.peers import (
@@ -415,12 +416,14 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "kernel": platform.release(),
+        "gateway": gateway.RUNNING,  # compiled with mypyc, or the Python source (and why)
     }
 
 
 def markdown(results: dict[str, Any]) -> str:
     out = [f"Machine: {results['machine']['cores']} cores, {results['machine']['cpu']}, Python "
-           f"{results['machine']['python']}; load: {results['tool']}; upstream: {results['upstream']}", ""]  # fmt: skip
+           f"{results['machine']['python']}; gateway request path: {results['machine']['gateway']}; load: "
+           f"{results['tool']}; upstream: {results['upstream']}", ""]  # fmt: skip
     if "throughput" in results:
         out += ["| target | body | conns | req/s | p50 ms | p99 ms | p99.9 ms | errors | req/s vs nginx | p99 vs nginx |",
                 "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip

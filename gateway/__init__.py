@@ -2,8 +2,8 @@
 
 An install compiles the request path (``setup.py``'s ``COMPILED`` list) with mypyc. Those modules load from
 their Python source instead, all of them together (compiled code calls compiled code directly, so the two
-must not mix), when ``ZONEMESH_PURE_PYTHON`` is set or when a source file is newer than its compiled module
-(edited since the last ``pip install -e .``). ``RUNNING`` says which it is, and why.
+must not mix), when ``ZONEMESH_PURE_PYTHON`` is set or, in a source checkout, when a source file is newer than
+its compiled module (edited since the last ``pip install -e .``). ``RUNNING`` says which it is, and why.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ def _compiled_file(name: str) -> Path | None:
 def _mode() -> tuple[bool, str]:
     if os.environ.get("ZONEMESH_PURE_PYTHON"):
         return False, "Python source (ZONEMESH_PURE_PYTHON is set)"
+    checkout = (_HERE.parent / "pyproject.toml").exists()  # (an installed wheel's files are never edited)
     for name in COMPILED_MODULES:
         compiled = _compiled_file(name)
         if compiled is None:
             return False, f"Python source (gateway/{name}.py was not compiled)"
-        if (_HERE / f"{name}.py").stat().st_mtime > compiled.stat().st_mtime:
+        if checkout and (_HERE / f"{name}.py").stat().st_mtime > compiled.stat().st_mtime:
             return (
                 False,
                 f"Python source (gateway/{name}.py changed after it was compiled; pip install -e . recompiles)",
