@@ -141,8 +141,7 @@ class Exchange:
         with ``write``. Without a Content-Length the length is set (``end``) or the body is chunked."""
         if self.response_started:
             raise RuntimeError("response already started")
-        self.response_started = True
-        parts = [STATUS_LINE[status]]
+        lines = [STATUS_LINE[status]]
         has_length = False
         for name, value in headers:
             if name == b"content-length":
@@ -151,32 +150,42 @@ class Exchange:
                 if value.lower() == b"close":
                     self.keep_alive = False
                 continue
-            parts.append(b"%b: %b\r\n" % (name, value))
+            lines.append(b"%b: %b\r\n" % (name, value))
+        self.respond_lines(status, lines, has_length, body, end)
+
+    def respond_lines(
+        self, status: int, lines: list[bytes], has_length: bool, body: bytes, end: bool = True
+    ) -> None:
+        """``respond`` with the head formatted already: ``lines`` = the status line, then "name: value\\r\\n"
+        lines (no Connection header; ``has_length`` when one is Content-Length). Appends to ``lines``."""
+        if self.response_started:
+            raise RuntimeError("response already started")
+        self.response_started = True
         no_body_status = status in _NO_BODY_STATUS or status < 200
         bodyless = self.head_only or no_body_status
         if not has_length and not no_body_status:
             if end:
-                parts += [b"content-length: ", b"%d" % len(body), b"\r\n"]
+                lines.append(b"content-length: %d\r\n" % len(body))
             elif self._proto.http11:
-                parts.append(b"transfer-encoding: chunked\r\n")
+                lines.append(b"transfer-encoding: chunked\r\n")
                 self._chunked = not bodyless
             else:
                 self.keep_alive = False  # HTTP/1.0 without a length: the end of the body is the close
         if self._proto.shutting_down or (end and not self.body_complete):
             self.keep_alive = False
         if not self.keep_alive:
-            parts.append(b"connection: close\r\n\r\n")
+            lines.append(b"connection: close\r\n\r\n")
         elif not self._proto.http11:
-            parts.append(b"connection: keep-alive\r\n\r\n")
+            lines.append(b"connection: keep-alive\r\n\r\n")
         else:
-            parts.append(b"\r\n")
+            lines.append(b"\r\n")
         if body and not bodyless:
             if self._chunked:
-                parts += [b"%x\r\n" % len(body), body, b"\r\n"]
+                lines += [b"%x\r\n" % len(body), body, b"\r\n"]
             else:
-                parts.append(body)
+                lines.append(body)
         if not self.disconnected:
-            self._proto.transport.write(b"".join(parts))
+            self._proto.transport.write(b"".join(lines))
         if end:
             self._finish()
 

@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl
 
 from gateway.cluster import ClusterSet, Endpoint
 from gateway.config import GatewayConfig
-from gateway.downstream import JSON_HEADERS, ClientGone, Exchange, error_body
+from gateway.downstream import JSON_HEADERS, STATUS_LINE, ClientGone, Exchange, error_body
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter, retry_after_header
 from gateway.upstream import (
@@ -446,7 +446,8 @@ class ProxyApp:
                 body = None if _retriable_status(status, f.retry) else conn.complete_body()
                 if body is not None:
                     self.clusters.report(ep, status < 500)
-                    ex.respond(status, self._response_headers(headers, f.req.rid, ep, f.resp_ops), body)
+                    lines, has_length = self._response_head(status, headers, f.req.rid, ep, f.resp_ops)
+                    ex.respond_lines(status, lines, has_length, body)
                     conn.done()
                     self._done(f.req, status, f.service, ep, len(body), None)
                     return
@@ -704,15 +705,15 @@ class ProxyApp:
                 f.tried.append(ep)
                 f.last_error = UpstreamAnswered(status)
                 return False
-            out_headers = self._response_headers(resp_headers, req.rid, ep, f.resp_ops)
+            lines, has_length = self._response_head(status, resp_headers, req.rid, ep, f.resp_ops)
             body = conn.complete_body()
             if body is not None:
                 # All of it is here already (small responses): one write, no streaming.
-                ex.respond(status, out_headers, body)
+                ex.respond_lines(status, lines, has_length, body)
                 conn.done()
                 sent = len(body)
             else:
-                sent = await self._stream_response(conn, ex, status, out_headers, ep, f.idle_timeout)
+                sent = await self._stream_response(conn, ex, status, lines, has_length, ep, f.idle_timeout)
             conn = None
             self._done(req, status, service, ep, sent, None)
             return True
@@ -761,6 +762,43 @@ class ProxyApp:
         if conn.response_started:
             conn.keep_alive = False
 
+    def _response_head(
+        self,
+        status: int,
+        up_headers: list[tuple[bytes, bytes]],
+        rid: bytes,
+        ep: Endpoint,
+        ops: HeaderOps | None,
+    ) -> tuple[list[bytes], bool]:
+        """The client's response head as ``Exchange.respond_lines`` takes it (lines, has a Content-Length)."""
+        if ops is None:  # (the common case, in one pass)
+            lines = [STATUS_LINE[status]]
+            via = self.via
+            has_zone = has_length = False
+            for header in up_headers:  # (names are lower-case)
+                name = header[0]
+                if name in _RESPONSE_SKIP:
+                    if name == b"via":
+                        via = header[1] + b", " + self.via
+                    elif name == b"connection" and header[1].lower() not in _PLAIN_CONNECTION:
+                        break  # it names more hop-by-hop headers: the general way below
+                    continue
+                if name == ZONE_HEADER:
+                    has_zone = True
+                elif name == b"content-length":
+                    has_length = True
+                lines.append(b"%b: %b\r\n" % header)
+            else:
+                lines.append(b"x-request-id: %b\r\n" % rid)
+                lines.append(b"via: %b\r\n" % via)
+                if not has_zone:
+                    lines.append(b"x-zonemesh-zone: %b\r\n" % ep.zone_b)
+                return lines, has_length
+        headers = self._response_headers(up_headers, rid, ep, ops)
+        lines = [STATUS_LINE[status]]
+        lines += [b"%b: %b\r\n" % h for h in headers if h[0] != b"connection"]
+        return lines, any(h[0] == b"content-length" for h in headers)
+
     def _response_headers(
         self, up_headers: list[tuple[bytes, bytes]], rid: bytes, ep: Endpoint, ops: HeaderOps | None
     ) -> list[tuple[bytes, bytes]]:
@@ -797,13 +835,14 @@ class ProxyApp:
         conn: Any,
         ex: Exchange,
         status: int,
-        headers: list[tuple[bytes, bytes]],
+        lines: list[bytes],
+        has_length: bool,
         ep: Endpoint,
         timeout: float,
     ) -> int:
         """Send the response head (with what body has arrived), then stream the rest; returns body bytes sent."""
         first = conn.take_buffered()
-        ex.respond(status, headers, first, end=False)
+        ex.respond_lines(status, lines, has_length, first, end=False)
         sent = len(first)
         try:
             while True:

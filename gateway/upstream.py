@@ -77,6 +77,8 @@ class Connection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._head: asyncio.Future[tuple[int, list[tuple[bytes, bytes]]]] | None = None
         self._headers: list[tuple[bytes, bytes]] = []
+        self._has_length = False  # the response head so far has a Content-Length
+        self._chunked = False  # ... a chunked Transfer-Encoding
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -151,7 +153,12 @@ class Connection(asyncio.Protocol):
 
     # --- httptools callbacks ----------------------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
+        name = name.lower()
+        if name == b"content-length":
+            self._has_length = True
+        elif name == b"transfer-encoding" and value.lower().find(b"chunked") >= 0:
+            self._chunked = True
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -159,17 +166,12 @@ class Connection(asyncio.Protocol):
         status = parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             self._headers = []  # an interim response (e.g. 103): skip it, the real one follows
+            self._has_length = self._chunked = False
             return
         self.keep_alive = parser.should_keep_alive()
-        chunked = content_length = False
-        for name, value in self._headers:
-            if name == b"content-length":
-                content_length = True
-            elif name == b"transfer-encoding" and value.lower().find(b"chunked") >= 0:
-                chunked = True
         self._until_close = (
-            not chunked
-            and not content_length
+            not self._chunked
+            and not self._has_length
             and status not in (204, 304)
             and not self._head_request
             and status != 101
@@ -231,6 +233,7 @@ class Connection(asyncio.Protocol):
         self._active = True
         self._head = self._loop.create_future()
         self._headers = []
+        self._has_length = self._chunked = False
         self._chunks.clear()
         self._buffered = 0
         self._complete = False
