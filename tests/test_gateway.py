@@ -336,8 +336,13 @@ async def test_sigterm_drains_in_flight_requests_within_the_drain_timeout(
         ).ready()
         await wait_for_known(gw, "drain", 1)
         loop = asyncio.get_running_loop()
-        quick = asyncio.ensure_future(get(f"{gw.url}/slow/0.5", host="drain.mesh"))
+        assert (await get(f"{gw.url}/echo", host="drain.mesh"))[
+            0
+        ] == 200  # leaves an idle upstream connection
+        # stuck takes that connection (answered from its callback), quick gets a new one (served by a task)
         stuck = asyncio.ensure_future(get(f"{gw.url}/slow/30", host="drain.mesh"))
+        await asyncio.sleep(0.05)
+        quick = asyncio.ensure_future(get(f"{gw.url}/slow/0.5", host="drain.mesh"))
         await asyncio.sleep(0.2)
         t0 = loop.time()
         gw.proc.send_signal(signal.SIGTERM)

@@ -14,7 +14,9 @@ import pytest
 from policy.store import PolicyStore
 from registry.embedded_etcd import EmbeddedEtcd, free_port
 from registry.etcd import EtcdSettings
+from registry.heartbeat import HeartbeatClient
 from registry.keys import Keys
+from registry.model import Instance, new_instance_id
 from tests.conftest import Procs, run_cli, wait_for
 from tests.mesh import GatewayProc, Mesh, start_gateways, wait_until
 
@@ -190,6 +192,38 @@ async def test_retriable_status_codes_and_per_try_timeout(pm: PolicyMesh) -> Non
     for _ in range(6):
         status, _, body = await request(f"{pm.a.url}/flaky", headers={"Host": f"{svc}.mesh"})
         assert status == 200 and body == b"good"
+
+
+async def test_a_kept_alive_upstream_connection_the_upstream_dropped_is_retried_on_a_fresh_one(
+    pm: PolicyMesh,
+) -> None:
+    """The upstream answers each connection's first request and drops the connection at its second; with
+    retries off, only the rule for kept-alive connections (the upstream may close them any time) saves it."""
+    name, connections, dropped = uid("s"), [], []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst")
+            dropped.append(await reader.readuntil(b"\r\n\r\n"))
+        except asyncio.IncompleteReadError:
+            pass  # the gateway closed it (at the end)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    inst = Instance(id=new_instance_id(name), service=name, zone="a", address="127.0.0.1",
+                    port=server.sockets[0].getsockname()[1])  # fmt: skip
+    try:
+        await pm.put("Service", name, {"retries": {"attempts": 0}})
+        async with HeartbeatClient(inst, pm.settings, ttl=5):
+            await wait_until(lambda: pm.a.knows(name, 1), 5)
+            for _ in range(3):  # each after the first goes out on a connection the upstream then drops
+                status, _, body = await request(f"{pm.a.url}/x", headers={"Host": f"{name}.mesh"})
+                assert (status, body) == (200, b"first")
+            assert len(dropped) == 2 and len(connections) == 3  # requests 2 and 3 each went out twice
+    finally:
+        server.close()
 
 
 async def test_circuit_breaker_sheds_load(pm: PolicyMesh) -> None:
