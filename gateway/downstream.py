@@ -1,7 +1,7 @@
 """The client-facing HTTP/1.1 server protocol: httptools, one ``Exchange`` per request, no ASGI on the hot path.
 
-uvicorn runs the listener (sockets, signals, graceful shutdown) with this protocol as its ``http`` class. Each
-request becomes an ``Exchange`` handed to a ``handler`` coroutine (the proxy); WebSocket upgrades go to
+uvicorn runs the listener (sockets, signals, graceful shutdown) with this protocol as its ``http`` protocol
+(``GatewayHttpProtocol.configured``). Each request becomes an ``Exchange`` handed to a ``handler`` (the proxy); WebSocket upgrades go to
 uvicorn's WebSocket protocol and the ASGI app, as in uvicorn's own HTTP protocol. What a front proxy needs on
 top: a header size limit (431), a deadline for receiving a request head (408, against slowloris), JSON
 errors for malformed requests (400), keep-alive with an idle timeout, pipelining in order, and backpressure
@@ -141,6 +141,7 @@ class Exchange:
         with ``write``. Without a Content-Length the length is set (``end``) or the body is chunked."""
         if self.response_started:
             raise RuntimeError("response already started")
+        self.response_started = True
         lines = [STATUS_LINE[status]]
         has_length = False
         for name, value in headers:
@@ -151,16 +152,6 @@ class Exchange:
                     self.keep_alive = False
                 continue
             lines.append(b"%b: %b\r\n" % (name, value))
-        self.respond_lines(status, lines, has_length, body, end)
-
-    def respond_lines(
-        self, status: int, lines: list[bytes], has_length: bool, body: bytes, end: bool = True
-    ) -> None:
-        """``respond`` with the head formatted already: ``lines`` = the status line, then "name: value\\r\\n"
-        lines (no Connection header; ``has_length`` when one is Content-Length). Appends to ``lines``."""
-        if self.response_started:
-            raise RuntimeError("response already started")
-        self.response_started = True
         no_body_status = status in _NO_BODY_STATUS or status < 200
         bodyless = self.head_only or no_body_status
         if not has_length and not no_body_status:

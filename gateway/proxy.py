@@ -10,6 +10,7 @@ first gateway decides; the peer only delivers) -> upstream pool with retries and
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
@@ -23,7 +24,7 @@ from urllib.parse import parse_qsl
 
 from gateway.cluster import ClusterSet, Endpoint
 from gateway.config import GatewayConfig
-from gateway.downstream import JSON_HEADERS, STATUS_LINE, ClientGone, Exchange, error_body
+from gateway.downstream import JSON_HEADERS, ClientGone, Exchange, error_body
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter, retry_after_header
 from gateway.upstream import (
@@ -179,20 +180,6 @@ class _ServicePlan:
 
 _HeadFuture = asyncio.Future[tuple[int, list[tuple[bytes, bytes]]]]
 _Pending = tuple[Endpoint, Connection, _HeadFuture]  # a request sent, and its response head to come
-
-
-class _HeadCallback:
-    """``ProxyApp._on_head`` for one request, as the upstream connection's ``on_head``."""
-
-    __slots__ = ("proxy", "f", "ex", "ep", "conn", "fut")
-
-    def __init__(
-        self, proxy: ProxyApp, f: _Forwarding, ex: Exchange, ep: Endpoint, conn: Connection, fut: _HeadFuture
-    ) -> None:
-        self.proxy, self.f, self.ex, self.ep, self.conn, self.fut = proxy, f, ex, ep, conn, fut
-
-    def __call__(self) -> None:
-        self.proxy._on_head(self.f, self.ex, self.ep, self.conn, self.fut)
 
 
 class ProxyApp:
@@ -416,19 +403,19 @@ class ProxyApp:
         ep = self.pick(f.service, f.tried, f.local_only, f.hash_key, f.subset)
         if ep is None:
             return False
+        f.picked = ep  # (for the async path's first try, when it is not sent here)
         conn = ep.pool.idle_connection()
         if conn is None:
-            f.picked = ep
             return False
         try:
             conn.send_head(self._head(f, ep), f.req.method == "HEAD")
         except UpstreamReset:
             conn.close()
-            f.picked = ep
             return False
+        f.picked = None
         ep.active += 1
         fut = conn.read_head(min(f.retry.per_try_timeout or f.timeout, f.timeout))
-        conn.on_head = _HeadCallback(self, f, ex, ep, conn, fut)
+        conn.on_head = functools.partial(self._on_head, f, ex, ep, conn, fut)
         return True
 
     def _on_head(
@@ -446,8 +433,7 @@ class ProxyApp:
                 body = None if _retriable_status(status, f.retry) else conn.complete_body()
                 if body is not None:
                     self.clusters.report(ep, status < 500)
-                    lines, has_length = self._response_head(status, headers, f.req.rid, ep, f.resp_ops)
-                    ex.respond_lines(status, lines, has_length, body)
+                    ex.respond(status, self._response_headers(headers, f.req.rid, ep, f.resp_ops), body)
                     conn.done()
                     self._done(f.req, status, f.service, ep, len(body), None)
                     return
@@ -596,11 +582,17 @@ class ProxyApp:
         self.metrics.errors["retries"] += 1
         return True
 
-    def _failed(self, f: _Forwarding, ep: Endpoint, exc: UpstreamError) -> None:
-        """An attempt failed: passive health learns it, and retries go elsewhere."""
+    def _failed(self, f: _Forwarding, ep: Endpoint, exc: UpstreamError, *retry_on: str) -> bool:
+        """A try failed: passive health learns it and retries go elsewhere. Then another try if the policy
+        allows one for any of ``retry_on`` (False), else the client gets ``exc`` (True: answered)."""
         self.clusters.report(ep, False)
         f.tried.append(ep)
         f.last_error = exc
+        for condition in retry_on:
+            if self._may_retry(f, condition):
+                return False
+        self.error(f.req, exc.status, exc.code, str(exc), f.service)
+        return True
 
     async def _attempt(self, f: _Forwarding, ex: Exchange, pending: _Pending | None) -> bool:
         """One try at one endpoint (or the end of one ``pending``). True when the request was answered
@@ -648,11 +640,7 @@ class ProxyApp:
                 try:
                     conn, reused = await ep.pool.acquire()
                 except ConnectFailed as refused:
-                    self._failed(f, ep, refused)
-                    if self._may_retry(f, "connect-failure"):
-                        return False
-                    self.error(req, 502, refused.code, str(refused), service)
-                    return True
+                    return self._failed(f, ep, refused, "connect-failure")
                 except PoolExhausted as full:
                     self.error(req, 503, full.code, str(full), service)
                     return True
@@ -670,19 +658,11 @@ class ProxyApp:
                 conn = None
                 if reused and not f.body_started:
                     return False  # a kept-alive connection the upstream had closed: retry on a fresh one
-                self._failed(f, ep, reset)
-                if self._may_retry(f, "reset"):
-                    return False
-                self.error(req, 502, reset.code, str(reset), service)
-                return True
+                return self._failed(f, ep, reset, "reset")
             except UpstreamTimeout as slow:
                 conn.close()
                 conn = None
-                self._failed(f, ep, slow)
-                if self._may_retry(f, "5xx") or self._may_retry(f, "gateway-error"):
-                    return False
-                self.error(req, 504, slow.code, str(slow), service)
-                return True
+                return self._failed(f, ep, slow, "5xx", "gateway-error")
             except UpstreamError as failure:
                 conn.close()
                 conn = None
@@ -705,15 +685,15 @@ class ProxyApp:
                 f.tried.append(ep)
                 f.last_error = UpstreamAnswered(status)
                 return False
-            lines, has_length = self._response_head(status, resp_headers, req.rid, ep, f.resp_ops)
+            out_headers = self._response_headers(resp_headers, req.rid, ep, f.resp_ops)
             body = conn.complete_body()
             if body is not None:
                 # All of it is here already (small responses): one write, no streaming.
-                ex.respond_lines(status, lines, has_length, body)
+                ex.respond(status, out_headers, body)
                 conn.done()
                 sent = len(body)
             else:
-                sent = await self._stream_response(conn, ex, status, lines, has_length, ep, f.idle_timeout)
+                sent = await self._stream_response(conn, ex, status, out_headers, ep, f.idle_timeout)
             conn = None
             self._done(req, status, service, ep, sent, None)
             return True
@@ -762,43 +742,6 @@ class ProxyApp:
         if conn.response_started:
             conn.keep_alive = False
 
-    def _response_head(
-        self,
-        status: int,
-        up_headers: list[tuple[bytes, bytes]],
-        rid: bytes,
-        ep: Endpoint,
-        ops: HeaderOps | None,
-    ) -> tuple[list[bytes], bool]:
-        """The client's response head as ``Exchange.respond_lines`` takes it (lines, has a Content-Length)."""
-        if ops is None:  # (the common case, in one pass)
-            lines = [STATUS_LINE[status]]
-            via = self.via
-            has_zone = has_length = False
-            for header in up_headers:  # (names are lower-case)
-                name = header[0]
-                if name in _RESPONSE_SKIP:
-                    if name == b"via":
-                        via = header[1] + b", " + self.via
-                    elif name == b"connection" and header[1].lower() not in _PLAIN_CONNECTION:
-                        break  # it names more hop-by-hop headers: the general way below
-                    continue
-                if name == ZONE_HEADER:
-                    has_zone = True
-                elif name == b"content-length":
-                    has_length = True
-                lines.append(b"%b: %b\r\n" % header)
-            else:
-                lines.append(b"x-request-id: %b\r\n" % rid)
-                lines.append(b"via: %b\r\n" % via)
-                if not has_zone:
-                    lines.append(b"x-zonemesh-zone: %b\r\n" % ep.zone_b)
-                return lines, has_length
-        headers = self._response_headers(up_headers, rid, ep, ops)
-        lines = [STATUS_LINE[status]]
-        lines += [b"%b: %b\r\n" % h for h in headers if h[0] != b"connection"]
-        return lines, any(h[0] == b"content-length" for h in headers)
-
     def _response_headers(
         self, up_headers: list[tuple[bytes, bytes]], rid: bytes, ep: Endpoint, ops: HeaderOps | None
     ) -> list[tuple[bytes, bytes]]:
@@ -835,14 +778,13 @@ class ProxyApp:
         conn: Any,
         ex: Exchange,
         status: int,
-        lines: list[bytes],
-        has_length: bool,
+        headers: list[tuple[bytes, bytes]],
         ep: Endpoint,
         timeout: float,
     ) -> int:
         """Send the response head (with what body has arrived), then stream the rest; returns body bytes sent."""
         first = conn.take_buffered()
-        ex.respond_lines(status, lines, has_length, first, end=False)
+        ex.respond(status, headers, first, end=False)
         sent = len(first)
         try:
             while True:
