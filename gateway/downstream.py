@@ -21,6 +21,7 @@ from typing import Any
 import httptools
 
 from gateway.watchdog import Watchdog
+from gateway.writes import HeldWrites, WriteBatch
 
 log = logging.getLogger("zonemesh.gateway")
 
@@ -110,7 +111,7 @@ class Exchange:
             if self._expect_continue:
                 self._expect_continue = False
                 if not self.response_started:
-                    self._proto.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    self._proto.send_now(b"HTTP/1.1 100 Continue\r\n\r\n")
             self._waiter = self._proto.loop.create_future()
             try:
                 await self._waiter
@@ -176,7 +177,7 @@ class Exchange:
             else:
                 lines.append(body)
         if not self.disconnected:
-            self._proto.transport.write(b"".join(lines))
+            self._proto.held.write(b"".join(lines))
         if end:
             self._finish()
 
@@ -186,16 +187,16 @@ class Exchange:
             return
         proto = self._proto
         if self._chunked:
-            proto.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            proto.send_now(b"%x\r\n%b\r\n" % (len(data), data))
         else:
-            proto.transport.write(data)
+            proto.send_now(data)
         if proto.drain is not None:
             await proto.drain
 
     def end(self) -> None:
         """The response is complete."""
         if self._chunked and not self.disconnected:
-            self._proto.transport.write(b"0\r\n\r\n")
+            self._proto.held.write(b"0\r\n\r\n")
         self._finish()
 
     def abort(self) -> None:
@@ -204,7 +205,7 @@ class Exchange:
         self.response_complete = True
         self._proto._response_done(self)
         if not self.disconnected:
-            self._proto.transport.close()
+            self._proto.close()
 
     def _finish(self) -> None:
         if not self.response_complete:
@@ -261,15 +262,19 @@ class GatewayHttpProtocol(asyncio.Protocol):
     ) -> Callable[..., GatewayHttpProtocol]:
         """A protocol factory for uvicorn's ``http=`` (called with uvicorn's config and server state)."""
 
+        batch = WriteBatch()  # (one per server: the answers of a loop round go out together)
+
         def make(config: Any, server_state: Any, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> GatewayHttpProtocol:  # fmt: skip
-            return cls(config, server_state, app_state, _loop, handler, max_header_bytes, header_timeout)
+            return cls(
+                config, server_state, app_state, _loop, handler, max_header_bytes, header_timeout, batch
+            )
 
         return make
 
     def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None, handler: Handler, max_header_bytes: int,
-                 header_timeout: float) -> None:  # fmt: skip
+                 header_timeout: float, batch: WriteBatch | None = None) -> None:  # fmt: skip
         self.handler = handler
         self.max_header_bytes = max_header_bytes
         self.header_timeout = header_timeout
@@ -286,6 +291,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
         except AttributeError:  # httptools < 0.6.3
             pass
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.held = HeldWrites(batch or WriteBatch())  # responses, sent at the end of the loop round
         self.client_ip = ""
         self.client_ip_b = b""
         self.scheme = "http"
@@ -307,6 +313,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
     # --- asyncio.Protocol -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.held.transport = transport
         self.server_state.connections.add(self)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if isinstance(peer, tuple) else ""
@@ -337,11 +344,21 @@ class GatewayHttpProtocol(asyncio.Protocol):
         if drain is not None and not drain.done():
             drain.set_result(None)
 
+    def send_now(self, data: bytes) -> None:
+        """Write ``data`` now, after what is held (a streamed body: the client's backpressure applies)."""
+        self.held.flush()
+        self.transport.write(data)
+
+    def close(self) -> None:
+        """Close the connection once what is held is written."""
+        self.held.flush()
+        self.transport.close()
+
     def shutdown(self) -> None:
         """Graceful shutdown (uvicorn calls it): close when idle, else after the current response."""
         self.shutting_down = True
         if self.current is None:
-            self.transport.close()
+            self.close()
         else:
             self.current.keep_alive = False
 
@@ -448,7 +465,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
         if not ex.keep_alive or self.shutting_down or not ex.body_complete:
             # (a request body still arriving after the answer is not read to its end: the connection closes)
             if not ex.disconnected:
-                self.transport.close()
+                self.close()
             return
         if self.pipeline:
             self._start(self.pipeline.popleft())
@@ -491,6 +508,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
         protocol = self.config.ws_protocol_class(
             config=self.config, server_state=self.server_state, app_state=self.app_state
         )
+        self.held.flush()
         protocol.connection_made(self.transport)
         protocol.data_received(b"".join(head))
         self.transport.set_protocol(protocol)
@@ -502,7 +520,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
         if self._head_since is not None and now - self._head_since >= self.header_timeout:
             self.reject(408, "request_timeout", f"request head not received within {self.header_timeout}s")
         elif self._idle_since is not None and now - self._idle_since >= self.keepalive_timeout:
-            self.transport.close()
+            self.close()
         else:
             if self._head_since is not None:
                 self._watchdog.by(self._head_since + self.header_timeout)
@@ -515,14 +533,14 @@ class GatewayHttpProtocol(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             return
         if self.current is not None and self.current.response_started:
-            self.transport.close()  # mid-response: the client cannot tell an error from the body
+            self.close()  # mid-response: the client cannot tell an error from the body
             return
         if self.current is not None:
             self.current.keep_alive = False
             self.current.disconnected = True  # its handler must not write after our answer
         body = error_body(code, message, None)
-        self.transport.write(
+        self.send_now(
             b"%bcontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%b"
             % (STATUS_LINE[status], len(body), body)
         )
-        self.transport.close()
+        self.close()

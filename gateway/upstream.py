@@ -16,6 +16,7 @@ from typing import ClassVar
 import httptools
 
 from gateway.watchdog import Watchdog
+from gateway.writes import HeldWrites, WriteBatch
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
@@ -69,6 +70,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
+        self.held = HeldWrites(pool.stats.writes)  # request heads, sent at the end of the loop round
         self.closed = False
         self.uses = 0
         self.idle_since = time.monotonic()
@@ -102,6 +104,7 @@ class Connection(asyncio.Protocol):
     # --- asyncio.Protocol -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.held.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -243,7 +246,7 @@ class Connection(asyncio.Protocol):
         self.keep_alive = False
         if self.closed or self.transport is None:
             raise UpstreamReset("upstream connection already closed")
-        self.transport.write(head)
+        self.held.write(head)
 
     async def write(self, data: bytes) -> None:
         """Write request body bytes, waiting while the socket buffer is full."""
@@ -251,6 +254,7 @@ class Connection(asyncio.Protocol):
             raise self._error
         if self.closed or self.transport is None:
             raise UpstreamReset("upstream closed the connection while we were sending the body")
+        self.held.flush()
         self.transport.write(data)
         if self._drain is not None and not self._drain.done():
             await self._drain
@@ -490,14 +494,16 @@ class Pool:
 
 
 class PoolStats:
-    """Counters shared by all pools of a gateway."""
+    """Counters shared by all pools of a gateway (and their write batch: requests go out at the end of the
+    loop round)."""
 
-    __slots__ = ("connects", "reused", "connect_failures")
+    __slots__ = ("connects", "reused", "connect_failures", "writes")
 
     def __init__(self) -> None:
         self.connects = 0
         self.reused = 0
         self.connect_failures = 0
+        self.writes = WriteBatch()
 
 
 def build_head(method: str, target: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:

@@ -7,7 +7,8 @@ import json
 import logging
 import random
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import pytest
 
@@ -36,11 +37,22 @@ async def echo_body(ex: Exchange) -> None:
     ex.respond(200, [(b"x-path", ex.raw_path), (b"x-query", ex.query)], body)
 
 
-HANDLERS = {b"/crash": crash, b"/forget": forget, b"/mid": crash_mid_body}
+async def stream(ex: Exchange) -> None:
+    ex.respond(200, [], b"head-", end=False)  # (held to the end of the loop round)
+    await ex.write(b"body-")  # (written at once: what is held goes first)
+    await asyncio.sleep(0.01)
+    await ex.write(b"end")
+    ex.end()
 
 
-async def route(ex: Exchange) -> None:
-    await HANDLERS.get(ex.raw_path, echo_body)(ex)
+HANDLERS = {b"/crash": crash, b"/forget": forget, b"/mid": crash_mid_body, b"/stream": stream}
+
+
+def route(ex: Exchange) -> Coroutine[Any, Any, None] | None:
+    if ex.raw_path == b"/now":  # answered in the handler's call, no task
+        ex.respond(200, [(b"x-path", ex.raw_path)], b"now")
+        return None
+    return HANDLERS.get(ex.raw_path, echo_body)(ex)
 
 
 @pytest.fixture
@@ -100,3 +112,17 @@ async def test_garbage_never_takes_the_server_down(port: int, caplog: pytest.Log
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     raw = await raw_request(port, b"GET /still?ok=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 200") and b"x-query: ok=1" in raw
+
+
+async def test_held_answers_keep_their_order_and_reach_the_client_before_a_close(port: int) -> None:
+    start = asyncio.get_running_loop().time()
+    raw = await raw_request(
+        port,
+        b"GET /now HTTP/1.1\r\nHost: x\r\n\r\nGET /stream HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /now HTTP/1.1\r\nHost: x\r\n\r\nGET /now HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        read_timeout=3,
+    )
+    assert asyncio.get_running_loop().time() - start < 2  # closed by the server, not timed out
+    bodies = [part.split(b"\r\n\r\n", 1)[1] for part in raw.split(b"HTTP/1.1 200 OK\r\n")[1:]]
+    assert bodies == [b"now", b"5\r\nhead-\r\n5\r\nbody-\r\n3\r\nend\r\n0\r\n\r\n", b"now", b"now"]
+    assert raw.rsplit(b"HTTP/1.1 200 OK\r\n", 1)[1].find(b"connection: close\r\n") >= 0
