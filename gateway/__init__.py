@@ -16,7 +16,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-COMPILED_MODULES = ("balancer", "cluster", "downstream", "metrics", "proxy", "upstream", "watchdog", "writes")
+COMPILED_MODULES = (
+    "balancer",
+    "cluster",
+    "downstream",
+    "headers",
+    "metrics",
+    "proxy",
+    "upstream",
+    "watchdog",
+    "writes",
+)
 _HERE = Path(__file__).parent
 
 

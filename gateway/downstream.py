@@ -16,17 +16,18 @@ import http
 import json
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Final
 
 import httptools
 
+from gateway.headers import Header
 from gateway.watchdog import Watchdog
 from gateway.writes import HeldWrites, WriteBatch
 
 log = logging.getLogger("zonemesh.gateway")
 
-HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
+HIGH_WATER: Final = 256 * 1024
+LOW_WATER: Final = 64 * 1024
 
 
 def _status_line(code: int) -> bytes:
@@ -37,9 +38,11 @@ def _status_line(code: int) -> bytes:
     return b"HTTP/1.1 %d %b\r\n" % (code, phrase)
 
 
-STATUS_LINE = {code: _status_line(code) for code in range(100, 600)}
-_NO_BODY_STATUS = frozenset({204, 304})
-JSON_HEADERS = [(b"content-type", b"application/json")]
+STATUS_LINE: Final = {code: _status_line(code) for code in range(100, 600)}
+_STATUS: Final = {code: line[:-2] for code, line in STATUS_LINE.items()}
+_NO_BODY_STATUS: Final = frozenset({204, 304})
+_METHODS: Final = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+JSON_HEADERS: Final[list[Header]] = [(b"content-type", b"application/json")]
 
 
 def error_body(code: str, message: str, request_id: bytes | None) -> bytes:
@@ -71,7 +74,7 @@ class Exchange:
     )  # fmt: skip
 
     def __init__(self, proto: GatewayHttpProtocol, method: str, raw_path: bytes, query: bytes,
-                 headers: list[tuple[bytes, bytes]], keep_alive: bool, expect_continue: bool) -> None:  # fmt: skip
+                 headers: list[Header], keep_alive: bool, expect_continue: bool) -> None:  # fmt: skip
         self.method = method
         self.raw_path = raw_path
         self.query = query
@@ -135,49 +138,49 @@ class Exchange:
             waiter.set_result(None)
 
     # --- the response -----------------------------------------------------------------------------------
-    def respond(
-        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"", end: bool = True
-    ) -> None:
+    def respond(self, status: int, headers: list[Header], body: bytes = b"", end: bool = True) -> None:
         """Send the status line and headers (lower-case names), with ``body``; ``end=False`` streams the rest
         with ``write``. Without a Content-Length the length is set (``end``) or the body is chunked."""
         if self.response_started:
             raise RuntimeError("response already started")
         self.response_started = True
-        lines = [STATUS_LINE[status]]
+        lines = [_STATUS[status]]  # (lines joined with CRLF: the cheapest way to build a head)
         has_length = False
-        for name, value in headers:
+        for header in headers:
+            name = header[0]
             if name == b"content-length":
                 has_length = True
             elif name == b"connection":
-                if value.lower() == b"close":
+                if header[1].lower() == b"close":
                     self.keep_alive = False
                 continue
-            lines.append(b"%b: %b\r\n" % (name, value))
+            lines.append(b": ".join(header))
         no_body_status = status in _NO_BODY_STATUS or status < 200
         bodyless = self.head_only or no_body_status
         if not has_length and not no_body_status:
             if end:
-                lines.append(b"content-length: %d\r\n" % len(body))
+                lines.append(b"content-length: %d" % len(body))
             elif self._proto.http11:
-                lines.append(b"transfer-encoding: chunked\r\n")
+                lines.append(b"transfer-encoding: chunked")
                 self._chunked = not bodyless
             else:
                 self.keep_alive = False  # HTTP/1.0 without a length: the end of the body is the close
         if self._proto.shutting_down or (end and not self.body_complete):
             self.keep_alive = False
         if not self.keep_alive:
-            lines.append(b"connection: close\r\n\r\n")
+            lines.append(b"connection: close")
         elif not self._proto.http11:
-            lines.append(b"connection: keep-alive\r\n\r\n")
-        else:
-            lines.append(b"\r\n")
+            lines.append(b"connection: keep-alive")
+        lines.append(b"")
         if body and not bodyless:
             if self._chunked:
-                lines += [b"%x\r\n" % len(body), body, b"\r\n"]
+                lines += (b"%x" % len(body), body, b"")
             else:
                 lines.append(body)
+        else:
+            lines.append(b"")
         if not self.disconnected:
-            self._proto.held.write(b"".join(lines))
+            self._proto.held.write(b"\r\n".join(lines))
         if end:
             self._finish()
 
@@ -303,7 +306,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
         self.pipeline: collections.deque[Exchange] = collections.deque()
         self._paused = False
         self._url = b""
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._headers: list[Header] = []
         self._head_bytes = 0
         self._raw_head = 0
         self._head_since: float | None = None
@@ -416,16 +419,22 @@ class GatewayHttpProtocol(asyncio.Protocol):
                 path, query = parsed.path or b"/", parsed.query or b""
             except httptools.HttpParserInvalidURLError:
                 path, query = url, b""
-        self.http11 = parser.get_http_version() == "1.1"
         expect = False
         has_body = False
+        has_connection = False
         for name, value in self._headers:
             if name == b"expect" and value.lower() == b"100-continue":
                 expect = True
             elif name == b"transfer-encoding" or (name == b"content-length" and value.strip(b" \t0")):
                 has_body = True
-        ex = Exchange(self, parser.get_method().decode("ascii"), path, query, self._headers,
-                      parser.should_keep_alive(), expect)  # fmt: skip
+            elif name == b"connection":
+                has_connection = True
+        keep_alive = parser.should_keep_alive()
+        # Kept alive with no Connection header: HTTP/1.1 (get_http_version formats a string: not for every request)
+        self.http11 = (keep_alive and not has_connection) or parser.get_http_version() == "1.1"
+        raw_method = parser.get_method()
+        method = _METHODS.get(raw_method) or raw_method.decode("ascii")
+        ex = Exchange(self, method, path, query, self._headers, keep_alive, expect)
         ex.body_complete = not has_body  # (a request without a length or chunking ends with its head)
         self.receiving = ex
         if self.current is None:

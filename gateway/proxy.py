@@ -19,12 +19,13 @@ import random
 import re
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qsl
 
 from gateway.cluster import ClusterSet, Endpoint
 from gateway.config import GatewayConfig
 from gateway.downstream import JSON_HEADERS, ClientGone, Exchange, error_body
+from gateway.headers import Header
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter, retry_after_header
 from gateway.upstream import (
@@ -44,30 +45,30 @@ from registry.keys import NAME_RE
 access_log = logging.getLogger("zonemesh.access")
 log = logging.getLogger("zonemesh.gateway")
 
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
         b"te", b"trailer", b"transfer-encoding", b"upgrade", b"expect", b"http2-settings",
     }
 )  # fmt: skip
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-HOP_HEADER = b"x-zonemesh-hop"
-SERVICE_HEADER = b"x-zonemesh-service"
-SUBSET_HEADER = b"x-zonemesh-subset"
-ZONE_HEADER = b"x-zonemesh-zone"
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+HOP_HEADER: Final = b"x-zonemesh-hop"
+SERVICE_HEADER: Final = b"x-zonemesh-service"
+SUBSET_HEADER: Final = b"x-zonemesh-subset"
+ZONE_HEADER: Final = b"x-zonemesh-zone"
 # Request headers we never copy as they come: hop-by-hop ones, those we set ourselves, and our hop metadata.
-_REQUEST_SKIP = HOP_BY_HOP | {
+_REQUEST_SKIP: Final = HOP_BY_HOP | {
     b"content-length", b"x-request-id", b"x-forwarded-for", b"via", HOP_HEADER, SERVICE_HEADER, SUBSET_HEADER,
 }  # fmt: skip
-_RESPONSE_SKIP = HOP_BY_HOP | {b"x-request-id", b"via"}
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})  # Connection values that name no other header
-REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
-_WS_SKIP = HOP_BY_HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
+_RESPONSE_SKIP: Final = HOP_BY_HOP | {b"x-request-id", b"via"}
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close"})  # Connection values that name no other header
+REQUEST_ID_RE: Final = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+_WS_SKIP: Final = HOP_BY_HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
                          b"sec-websocket-protocol"}  # fmt: skip
-_MIRROR_BODY_MAX = 64 * 1024
-_CACHE_SIZE = 4096  # entries of the per-Host and per-service caches (cleared when full)
-_RID_PREFIX = os.urandom(8).hex().encode()
-_rid_counter = itertools.count(1 << 63)  # (16 hex digits from the start)
+_MIRROR_BODY_MAX: Final = 64 * 1024
+_CACHE_SIZE: Final = 4096  # entries of the per-Host and per-service caches (cleared when full)
+_RID_PREFIX: Final = os.urandom(8).hex().encode()
+_rid_counter: Final = itertools.count(1 << 63)  # (16 hex digits from the start)
 
 
 def new_request_id() -> bytes:
@@ -78,9 +79,7 @@ def new_request_id() -> bytes:
 class GatewayError(Exception):
     """An error answered by the gateway itself with a JSON body."""
 
-    def __init__(
-        self, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]] | None = None
-    ):
+    def __init__(self, status: int, code: str, message: str, headers: list[Header] | None = None):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.headers = headers or []
@@ -94,7 +93,7 @@ class _Request:
         "hop_service", "hop_subset", "conn_tokens", "fwd_for", "client_ip", "scheme", "body_len",
     )  # fmt: skip
 
-    def __init__(self, method: str, raw_path: bytes, query: bytes, headers: list[tuple[bytes, bytes]],
+    def __init__(self, method: str, raw_path: bytes, query: bytes, headers: list[Header],
                  client_ip: str, scheme: str = "http", ex: Exchange | None = None) -> None:  # fmt: skip
         self.ex = ex
         self.start = time.perf_counter()
@@ -137,7 +136,7 @@ class _Forwarding:
         self.subset: dict[str, str] | None = None
         self.path = b""  # for the upstream, without the query
         self.target = b""
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[Header] = []
         self.timeout = 0.0
         self.idle_timeout = 0.0
         self.local_only = False
@@ -178,7 +177,7 @@ class _ServicePlan:
         )
 
 
-_HeadFuture = asyncio.Future[tuple[int, list[tuple[bytes, bytes]]]]
+_HeadFuture = asyncio.Future[tuple[int, list[Header]]]
 _Pending = tuple[Endpoint, Connection, _HeadFuture]  # a request sent, and its response head to come
 
 
@@ -461,7 +460,7 @@ class ProxyApp:
         if spec.direct_response is not None:
             d = spec.direct_response
             body = d.body.encode()
-            headers = [(k.lower().encode(), v.encode()) for k, v in d.headers.items()]
+            headers: list[Header] = [(k.lower().encode(), v.encode()) for k, v in d.headers.items()]
             if not any(k == b"content-type" for k, _ in headers):
                 headers.append((b"content-type", b"text/plain; charset=utf-8"))
             headers += [(b"content-length", str(len(body)).encode()), (b"x-request-id", req.rid)]
@@ -498,12 +497,10 @@ class ProxyApp:
                    service, [(b"retry-after", retry_after_header(wait))])  # fmt: skip
         return True
 
-    def _request_headers(
-        self, req: _Request, trusted: bool, route: CompiledRoute | None
-    ) -> list[tuple[bytes, bytes]]:
+    def _request_headers(self, req: _Request, trusted: bool, route: CompiledRoute | None) -> list[Header]:
         """Outgoing headers: all but hop-by-hop (and what Connection names), plus forwarding headers."""
         skip = _REQUEST_SKIP | req.conn_tokens if req.conn_tokens else _REQUEST_SKIP
-        out: list[tuple[bytes, bytes]] = []
+        out: list[Header] = []
         via = self.via
         for header in req.headers:
             name = header[0]
@@ -553,7 +550,7 @@ class ProxyApp:
         """The request head for ``ep``; a peer gateway also gets the service (and subset) it is for."""
         if ep.zone == self.zone:
             return build_head(f.req.method, f.target, f.headers)
-        extra = [(HOP_HEADER, self.zone_b), (SERVICE_HEADER, f.service.encode())]
+        extra: list[Header] = [(HOP_HEADER, self.zone_b), (SERVICE_HEADER, f.service.encode())]
         if f.subset:
             extra.append((SUBSET_HEADER, _encode_subset(f.subset)))
         return build_head(f.req.method, f.target, f.headers + extra)
@@ -743,11 +740,11 @@ class ProxyApp:
             conn.keep_alive = False
 
     def _response_headers(
-        self, up_headers: list[tuple[bytes, bytes]], rid: bytes, ep: Endpoint, ops: HeaderOps | None
-    ) -> list[tuple[bytes, bytes]]:
+        self, up_headers: list[Header], rid: bytes, ep: Endpoint, ops: HeaderOps | None
+    ) -> list[Header]:
         """The upstream's response headers as the client gets them: hop-by-hop ones out, ours in."""
         skip = _RESPONSE_SKIP
-        headers: list[tuple[bytes, bytes]] = []
+        headers: list[Header] = []
         via = self.via
         has_zone = False
         for header in up_headers:  # (names are lower-case)
@@ -778,7 +775,7 @@ class ProxyApp:
         conn: Any,
         ex: Exchange,
         status: int,
-        headers: list[tuple[bytes, bytes]],
+        headers: list[Header],
         ep: Endpoint,
         timeout: float,
     ) -> int:
@@ -816,7 +813,7 @@ class ProxyApp:
         task.add_done_callback(self._background.discard)
 
     async def _mirror(
-        self, service: str, req: _Request, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+        self, service: str, req: _Request, path: bytes, headers: list[Header], body: bytes
     ) -> None:
         """Fire-and-forget copy of a request to ``service``; the answer is read and dropped."""
         ep = self.pick(service, [], req.hopped, None)
@@ -852,12 +849,12 @@ class ProxyApp:
     # --- answers and logs -------------------------------------------------------------------------------
     def error(
         self, req: _Request, status: int, code: str, message: str, service: str = "",
-        extra_headers: list[tuple[bytes, bytes]] | None = None,
+        extra_headers: list[Header] | None = None,
     ) -> None:  # fmt: skip
         """Answer with the JSON error body every gateway error uses."""
         rid = req.rid or new_request_id()
         body = error_body(code, message, rid)
-        headers = [*JSON_HEADERS, (b"x-request-id", rid)]
+        headers: list[Header] = [*JSON_HEADERS, (b"x-request-id", rid)]
         if extra_headers:
             headers += extra_headers
         if status in (400, 408, 413, 431):
@@ -907,7 +904,7 @@ def _host_name(host: bytes) -> str:
     return h.rsplit(":", 1)[0] if ":" in h else h
 
 
-def _headers_dict(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+def _headers_dict(headers: list[Header]) -> dict[str, str]:
     return {n.decode("latin-1"): v.decode("latin-1") for n, v in headers}
 
 
@@ -928,9 +925,9 @@ def _rewrite(route: CompiledRoute, raw_path: bytes) -> bytes:
     return out if out.startswith(b"/") else b"/" + out
 
 
-def _apply_header_ops(headers: list[tuple[bytes, bytes]], ops: HeaderOps) -> list[tuple[bytes, bytes]]:
+def _apply_header_ops(headers: list[Header], ops: HeaderOps) -> list[Header]:
     drop = {n.lower().encode() for n in ops.remove} | {n.lower().encode() for n in ops.set}
-    out = [(n, v) for n, v in headers if n not in drop]
+    out: list[Header] = [h for h in headers if h[0] not in drop]
     out += [(n.lower().encode(), v.encode()) for n, v in ops.set.items()]
     out += [(n.lower().encode(), v.encode()) for n, v in ops.add.items()]
     return out
