@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from typing import Final
 
 BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_bisect_left: Final = bisect.bisect_left
 _CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 
@@ -37,7 +38,7 @@ class Metrics:
         if counts is None:
             counts = stats.by_zone[zone] = [0] * len(_CLASSES)
         counts[min(max(status // 100, 1), 5) - 1] += 1
-        stats.hist[bisect.bisect_left(BUCKETS, seconds)] += 1
+        stats.hist[_bisect_left(BUCKETS, seconds)] += 1
         stats.sum += seconds
 
     @property

@@ -69,6 +69,8 @@ _MIRROR_BODY_MAX: Final = 64 * 1024
 _CACHE_SIZE: Final = 4096  # entries of the per-Host and per-service caches (cleared when full)
 _RID_PREFIX: Final = os.urandom(8).hex().encode()
 _rid_counter: Final = itertools.count(1 << 63)  # (16 hex digits from the start)
+_perf_counter: Final = time.perf_counter  # (module attributes called per request: read once)
+_partial: Final = functools.partial
 
 
 def new_request_id() -> bytes:
@@ -96,7 +98,7 @@ class _Request:
     def __init__(self, method: str, raw_path: bytes, query: bytes, headers: list[Header],
                  client_ip: str, scheme: str = "http", ex: Exchange | None = None) -> None:  # fmt: skip
         self.ex = ex
-        self.start = time.perf_counter()
+        self.start = _perf_counter()
         self.method = method
         self.raw_path = raw_path
         self.query = query
@@ -129,7 +131,7 @@ class _Forwarding:
         "in_retry", "picked",
     )  # fmt: skip
 
-    def __init__(self, req: _Request, service: str, retry: RetryPolicy) -> None:
+    def __init__(self, req: _Request, service: str, retry: _Retry) -> None:
         self.req = req
         self.service = service
         self.retry = retry
@@ -152,13 +154,25 @@ class _Forwarding:
         self.picked: Endpoint | None = None  # chosen already, for the next try (balancers pick once per try)
 
 
+class _Retry:
+    """A retry policy as the request path reads it (pydantic attributes are slow to read)."""
+
+    __slots__ = ("policy", "attempts", "per_try_timeout", "statuses")
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.attempts: int = policy.attempts
+        self.per_try_timeout: float | None = policy.per_try_timeout
+        self.statuses: frozenset[int] = frozenset(policy.retriable_status_codes)
+
+
 class _ServicePlan:
     """What the request path reads of a service's policy, read once (pydantic attributes are slow to read)."""
 
     __slots__ = (
         "rate_limit",
         "max_requests",
-        "retries",
+        "retry",
         "timeout",
         "idle_timeout",
         "zone_failover",
@@ -168,7 +182,7 @@ class _ServicePlan:
     def __init__(self, policy: ServicePolicy) -> None:
         self.rate_limit: RateLimit | None = policy.rate_limit
         self.max_requests: int = policy.circuit_breaker.max_requests
-        self.retries: RetryPolicy = policy.retries
+        self.retry = _Retry(policy.retries)
         self.timeout: float = policy.timeouts.request
         self.idle_timeout: float = policy.timeouts.idle
         self.zone_failover: bool = policy.zone_failover
@@ -362,7 +376,9 @@ class ProxyApp:
             return None
         spec = route.spec if route is not None else None
         f = _Forwarding(
-            req, service, spec.retries if spec is not None and spec.retries is not None else plan.retries
+            req,
+            service,
+            _Retry(spec.retries) if spec is not None and spec.retries is not None else plan.retry,
         )
         f.subset = subset
         f.path = upstream_path
@@ -414,7 +430,7 @@ class ProxyApp:
         f.picked = None
         ep.active += 1
         fut = conn.read_head(min(f.retry.per_try_timeout or f.timeout, f.timeout))
-        conn.on_head = functools.partial(self._on_head, f, ex, ep, conn, fut)
+        conn.on_head = _partial(self._on_head, f, ex, ep, conn, fut)
         return True
 
     def _on_head(
@@ -557,7 +573,7 @@ class ProxyApp:
 
     def _may_retry(self, f: _Forwarding, condition: str) -> bool:
         """Whether the retry policy (conditions, attempts left, retry budget) allows another try."""
-        retry = f.retry
+        retry = f.retry.policy
         if (
             f.retries_left <= 0
             or condition not in retry.retry_on
@@ -621,7 +637,7 @@ class ProxyApp:
                 )
                 return True
             ep = found
-            remaining = req.start + f.timeout - time.perf_counter()
+            remaining = req.start + f.timeout - _perf_counter()
             if remaining <= 0:
                 self.error(req, 504, "upstream_timeout",
                            f"no response within the request timeout of {f.timeout}s", service)  # fmt: skip
@@ -675,7 +691,7 @@ class ProxyApp:
             if _retriable_status(status, retry) and (
                 (status >= 500 and self._may_retry(f, "5xx"))
                 or (502 <= status <= 504 and self._may_retry(f, "gateway-error"))
-                or (status in retry.retriable_status_codes and self._may_retry(f, "retriable-status-codes"))
+                or (status in retry.statuses and self._may_retry(f, "retriable-status-codes"))
             ):
                 conn.close()
                 conn = None
@@ -870,7 +886,7 @@ class ProxyApp:
     def _done(
         self, req: _Request, status: int, service: str, ep: Endpoint | None, sent: int, error: str | None
     ) -> None:
-        elapsed = time.perf_counter() - req.start
+        elapsed = _perf_counter() - req.start
         zone = ep.zone if ep is not None else self.zone
         self.metrics.observe(service or "-", zone, status, elapsed)
         if self.log_access:
@@ -893,8 +909,8 @@ class ProxyApp:
             access_log.info(json.dumps(entry, separators=(",", ":")))
 
 
-def _retriable_status(status: int, retry: RetryPolicy) -> bool:
-    return status >= 500 or status in retry.retriable_status_codes
+def _retriable_status(status: int, retry: _Retry) -> bool:
+    return status >= 500 or status in retry.statuses
 
 
 def _host_name(host: bytes) -> str:

@@ -22,6 +22,7 @@ from gateway.writes import HeldWrites, WriteBatch
 HIGH_WATER: Final = 256 * 1024
 LOW_WATER: Final = 64 * 1024
 _HEAD_TIMEOUT: Final = "no response head within {}s"
+_monotonic: Final = time.monotonic  # (called per request: read once)
 _BODY_TIMEOUT: Final = "upstream body stalled for {}s"
 
 
@@ -74,7 +75,7 @@ class Connection(asyncio.Protocol):
         self.held = HeldWrites(pool.stats.writes)  # request heads, sent at the end of the loop round
         self.closed = False
         self.uses = 0
-        self.idle_since = time.monotonic()
+        self.idle_since = _monotonic()
         self._loop = asyncio.get_running_loop()
         self._parser: httptools.HttpResponseParser | None = None
         self._drain: asyncio.Future[None] | None = None
@@ -395,7 +396,7 @@ class Pool:
         idle = self._idle
         if not idle:
             return None
-        now = time.monotonic()
+        now = _monotonic()
         while idle:
             conn = idle.pop()  # most recently used first: warmest connection, lets old ones idle out
             if not conn.closed and now - conn.idle_since < self.idle_timeout:
@@ -458,7 +459,7 @@ class Pool:
         if self.closed or conn.closed:
             conn.close()
             return
-        conn.idle_since = time.monotonic()
+        conn.idle_since = _monotonic()
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
@@ -481,7 +482,7 @@ class Pool:
 
     def evict_idle(self) -> int:
         """Close connections idle longer than ``idle_timeout``; returns how many."""
-        now = time.monotonic()
+        now = _monotonic()
         stale = [c for c in self._idle if now - c.idle_since >= self.idle_timeout or c.closed]
         for conn in stale:
             conn.close()

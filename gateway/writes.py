@@ -9,7 +9,9 @@ the round, the sends go out together, the first one wakes the peer and the other
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Final
+
+_running_loop: Final = asyncio.get_running_loop
 
 
 class WriteBatch:
@@ -25,7 +27,7 @@ class WriteBatch:
         self._held.append(held)
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            _running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         self._scheduled = False
