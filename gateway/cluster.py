@@ -24,7 +24,7 @@ class Endpoint:
     """One dialable upstream (a registered instance or a peer zone gateway) with its pool and health state."""
 
     __slots__ = (
-        "id", "key", "zone", "zone_b", "host", "port", "weight", "record", "pool", "active", "service", "next_check",
+        "id", "key", "zone", "zone_b", "zone_line", "host", "port", "weight", "record", "pool", "active", "service", "next_check",
         "hc_healthy", "hc_passes", "hc_fails", "failures", "ejected_until", "ejections", "removed",
     )  # fmt: skip
 
@@ -37,6 +37,7 @@ class Endpoint:
         self.next_check = 0.0
         self.zone = record.zone
         self.zone_b = record.zone.encode()
+        self.zone_line = b"x-zonemesh-zone: %b\r\n" % self.zone_b  # (the response header, formatted once)
         self.host = record.address
         self.port = record.port
         self.weight = getattr(record, "weight", 100)

@@ -39,7 +39,6 @@ def _status_line(code: int) -> bytes:
 
 
 STATUS_LINE: Final = {code: _status_line(code) for code in range(100, 600)}
-_STATUS: Final = {code: line[:-2] for code, line in STATUS_LINE.items()}
 _NO_BODY_STATUS: Final = frozenset({204, 304})
 _METHODS: Final = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 JSON_HEADERS: Final[list[Header]] = [(b"content-type", b"application/json")]
@@ -141,10 +140,7 @@ class Exchange:
     def respond(self, status: int, headers: list[Header], body: bytes = b"", end: bool = True) -> None:
         """Send the status line and headers (lower-case names), with ``body``; ``end=False`` streams the rest
         with ``write``. Without a Content-Length the length is set (``end``) or the body is chunked."""
-        if self.response_started:
-            raise RuntimeError("response already started")
-        self.response_started = True
-        lines = [_STATUS[status]]  # (lines joined with CRLF: the cheapest way to build a head)
+        parts = [STATUS_LINE[status]]  # (one join of all the parts: the cheapest way to build a head here)
         has_length = False
         for header in headers:
             name = header[0]
@@ -154,33 +150,50 @@ class Exchange:
                 if header[1].lower() == b"close":
                     self.keep_alive = False
                 continue
-            lines.append(b": ".join(header))
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(header[1])
+            parts.append(b"\r\n")
+        self._send(status, parts, has_length, body, end)
+
+    def respond_lines(self, status: int, lines: list[bytes], has_length: bool, body: bytes) -> None:
+        """``respond`` with the whole body and the header lines formatted already ("name: value\\r\\n" each,
+        no Connection header among them)."""
+        lines.insert(0, STATUS_LINE[status])
+        self._send(status, lines, has_length, body, True)
+
+    def _send(self, status: int, parts: list[bytes], has_length: bool, body: bytes, end: bool) -> None:
+        """Send the response head begun in ``parts`` (status line and header lines), and ``body``."""
+        if self.response_started:
+            raise RuntimeError("response already started")
+        self.response_started = True
         no_body_status = status in _NO_BODY_STATUS or status < 200
         bodyless = self.head_only or no_body_status
         if not has_length and not no_body_status:
             if end:
-                lines.append(b"content-length: %d" % len(body))
+                parts.append(b"content-length: %d\r\n" % len(body))
             elif self._proto.http11:
-                lines.append(b"transfer-encoding: chunked")
+                parts.append(b"transfer-encoding: chunked\r\n")
                 self._chunked = not bodyless
             else:
                 self.keep_alive = False  # HTTP/1.0 without a length: the end of the body is the close
         if self._proto.shutting_down or (end and not self.body_complete):
             self.keep_alive = False
         if not self.keep_alive:
-            lines.append(b"connection: close")
+            parts.append(b"connection: close\r\n\r\n")
         elif not self._proto.http11:
-            lines.append(b"connection: keep-alive")
-        lines.append(b"")
+            parts.append(b"connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
         if body and not bodyless:
             if self._chunked:
-                lines += (b"%x" % len(body), body, b"")
+                parts.append(b"%x\r\n" % len(body))
+                parts.append(body)
+                parts.append(b"\r\n")
             else:
-                lines.append(body)
-        else:
-            lines.append(b"")
+                parts.append(body)
         if not self.disconnected:
-            self._proto.held.write(b"\r\n".join(lines))
+            self._proto.held.write(b"".join(parts))
         if end:
             self._finish()
 

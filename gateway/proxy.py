@@ -448,7 +448,14 @@ class ProxyApp:
                 body = None if _retriable_status(status, f.retry) else conn.complete_body()
                 if body is not None:
                     self.clusters.report(ep, status < 500)
-                    ex.respond(status, self._response_headers(headers, f.req.rid, ep, f.resp_ops), body)
+                    raw = conn.raw_head
+                    lines = None
+                    if raw is not None and f.resp_ops is None:
+                        lines = self._response_lines(raw, headers, f.req.rid, ep)
+                    if lines is not None:
+                        ex.respond_lines(status, lines, conn.has_length, body)
+                    else:
+                        ex.respond(status, self._response_headers(headers, f.req.rid, ep, f.resp_ops), body)
                     conn.done()
                     self._done(f.req, status, f.service, ep, len(body), None)
                     return
@@ -785,6 +792,50 @@ class ProxyApp:
         if ops is not None:
             headers = _apply_header_ops(headers, ops)
         return headers
+
+    def _response_lines(
+        self, raw: bytes, headers: list[Header], rid: bytes, ep: Endpoint
+    ) -> list[bytes] | None:
+        """``_response_headers`` on the head as it arrived: the upstream's header lines kept as they are (runs
+        of them, hop-by-hop ones cut out), ours added. None when the head is not laid out as it was parsed,
+        one "name: value" CRLF line per header (other spacing, folded lines), or Connection names headers."""
+        size = len(raw)
+        at = raw.find(b"\r\n") + 2  # (after the status line)
+        kept_from = at
+        lines: list[bytes] = []
+        via = self.via
+        has_zone = False
+        for header in headers:
+            name = header[0]
+            colon = at + len(name)
+            end = colon + 2 + len(header[1])  # where its CRLF is
+            if (
+                end + 2 > size
+                or raw[colon] != 58
+                or raw[colon + 1] != 32
+                or raw[end] != 13
+                or raw[end + 1] != 10
+            ):
+                return None
+            if name in _RESPONSE_SKIP:
+                if name == b"via":
+                    via = header[1] + b", " + self.via
+                elif name == b"connection" and header[1].lower() not in _PLAIN_CONNECTION:
+                    return None
+                if kept_from < at:
+                    lines.append(raw[kept_from:at])
+                kept_from = end + 2
+            elif name == ZONE_HEADER:
+                has_zone = True
+            at = end + 2
+        if at != size:
+            return None
+        if kept_from < at:
+            lines.append(raw[kept_from:at])
+        lines.append(b"x-request-id: %b\r\nvia: %b\r\n" % (rid, via))
+        if not has_zone:
+            lines.append(ep.zone_line)
+        return lines
 
     async def _stream_response(
         self,
