@@ -10,7 +10,6 @@ first gateway decides; the peer only delivers) -> upstream pool with retries and
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import json
 import logging
@@ -31,6 +30,7 @@ from gateway.ratelimit import RateLimiter, retry_after_header
 from gateway.upstream import (
     ConnectFailed,
     Connection,
+    HeadListener,
     PoolExhausted,
     UpstreamAnswered,
     UpstreamError,
@@ -70,7 +70,6 @@ _CACHE_SIZE: Final = 4096  # entries of the per-Host and per-service caches (cle
 _RID_PREFIX: Final = os.urandom(8).hex().encode()
 _rid_counter: Final = itertools.count(1 << 63)  # (16 hex digits from the start)
 _perf_counter: Final = time.perf_counter  # (module attributes called per request: read once)
-_partial: Final = functools.partial
 
 
 def new_request_id() -> bytes:
@@ -122,16 +121,19 @@ class _Request:
         return None
 
 
-class _Forwarding:
-    """One request's way to its upstreams: what to send, and the tries so far (for retries and budgets)."""
+class _Forwarding(HeadListener):
+    """One request's way to its upstreams: what to send, and the tries so far (for retries and budgets). Sent
+    from a callback, it is the connection's listener for the response head."""
 
     __slots__ = (
         "req", "service", "retry", "subset", "path", "target", "headers", "timeout", "idle_timeout", "local_only",
         "hash_key", "mirror_to", "mirror_body", "resp_ops", "tried", "retries_left", "body_started", "last_error",
-        "in_retry", "picked",
+        "in_retry", "picked", "app", "ex", "sent_to", "head",
     )  # fmt: skip
 
-    def __init__(self, req: _Request, service: str, retry: _Retry) -> None:
+    def __init__(self, app: ProxyApp, ex: Exchange, req: _Request, service: str, retry: _Retry) -> None:
+        self.app = app
+        self.ex = ex
         self.req = req
         self.service = service
         self.retry = retry
@@ -152,6 +154,11 @@ class _Forwarding:
         self.last_error: UpstreamError | None = None
         self.in_retry = False
         self.picked: Endpoint | None = None  # chosen already, for the next try (balancers pick once per try)
+        self.sent_to: Endpoint | None = None  # where the request went from a callback ...
+        self.head: _HeadFuture | None = None  # ... and its response head to come
+
+    def head_in(self, conn: Connection) -> None:
+        self.app._on_head(self, conn)
 
 
 class _Retry:
@@ -376,6 +383,8 @@ class ProxyApp:
             return None
         spec = route.spec if route is not None else None
         f = _Forwarding(
+            self,
+            ex,
             req,
             service,
             _Retry(spec.retries) if spec is not None and spec.retries is not None else plan.retry,
@@ -429,14 +438,15 @@ class ProxyApp:
             return False
         f.picked = None
         ep.active += 1
-        fut = conn.read_head(min(f.retry.per_try_timeout or f.timeout, f.timeout))
-        conn.on_head = _partial(self._on_head, f, ex, ep, conn, fut)
+        f.sent_to = ep
+        f.head = conn.read_head(min(f.retry.per_try_timeout or f.timeout, f.timeout))
+        conn.on_head = f
         return True
 
-    def _on_head(
-        self, f: _Forwarding, ex: Exchange, ep: Endpoint, conn: Connection, fut: _HeadFuture
-    ) -> None:
+    def _on_head(self, f: _Forwarding, conn: Connection) -> None:
         """The response head (or a failure) arrived for a request sent from a callback."""
+        ex, ep, fut = f.ex, f.sent_to, f.head
+        assert ep is not None and fut is not None
         handed_over = False
         try:
             failed = fut.cancelled() or fut.exception() is not None

@@ -10,7 +10,7 @@ import asyncio
 import collections
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import ClassVar, Final
 
 import httptools
@@ -66,6 +66,14 @@ class UpstreamAnswered(UpstreamError):
         self.status = status
 
 
+class HeadListener:
+    """Whoever sent a request on a connection and set itself as its ``on_head``: told once, outside the
+    parser, when the response head is in or the exchange failed (the alternative to awaiting ``read_head``)."""
+
+    def head_in(self, conn: Connection) -> None:
+        raise NotImplementedError
+
+
 class Connection(asyncio.Protocol):
     """One upstream connection. Use: ``send_head`` -> ``write``* -> ``read_head`` -> ``read``* -> ``done``."""
 
@@ -104,9 +112,7 @@ class Connection(asyncio.Protocol):
         self.raw_head: bytes | None = None
         self._chunk = b""  # the read being parsed, when the response started at its first byte
         self._started = False  # bytes of the response have been read
-        # Called once, outside the parser, when the response head of the exchange is in (or it failed): the
-        # alternative to awaiting ``read_head``'s future, for whoever set it after ``send_head``.
-        self.on_head: Callable[[], None] | None = None
+        self.on_head: HeadListener | None = None  # (set after ``send_head``)
 
     # --- asyncio.Protocol -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -222,12 +228,12 @@ class Connection(asyncio.Protocol):
             self._waiter.set_result(None)
 
     def _head_news(self) -> None:
-        """Call ``on_head`` when the head future is done."""
+        """Tell ``on_head`` when the head future is done."""
         head = self._head
-        callback = self.on_head
-        if callback is not None and head is not None and head.done():
+        listener = self.on_head
+        if listener is not None and head is not None and head.done():
             self.on_head = None
-            callback()
+            listener.head_in(self)
 
     def _finish(self) -> None:
         self._complete = True
