@@ -7,7 +7,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 from gateway.balancer import Balancer, make_balancer
 from gateway.config import GatewayConfig
@@ -18,6 +18,7 @@ from registry.catalog import Snapshot
 from registry.model import GatewayRecord, Instance
 
 log = logging.getLogger("zonemesh.gateway.health")
+_monotonic: Final = time.monotonic  # (called per request: read once)
 
 
 class Endpoint:
@@ -170,10 +171,11 @@ class ClusterSet:
         key: bytes | None = None,
         subset: dict[str, str] | None = None,
     ) -> Endpoint | None:
-        eps = self.services.get(service, {}).get(self.zone)
+        zones = self.services.get(service)
+        eps = zones.get(self.zone) if zones is not None else None
         if not eps:
             return None
-        now = time.monotonic()
+        now = _monotonic()
         if subset:
             ready = [e for e in eps if e.available(now) and e not in exclude and e.in_subset(subset)]
         else:

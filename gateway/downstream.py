@@ -298,6 +298,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
             config.load()
         self.config = config
         self.server_state = server_state
+        self._tasks: set[Any] = server_state.tasks  # (a set, typed: cheaper to use per request)
         self.app_state = app_state
         self.loop = _loop or asyncio.get_event_loop()
         self.keepalive_timeout = config.timeout_keep_alive
@@ -470,7 +471,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
     # --- exchanges --------------------------------------------------------------------------------------
     def _start(self, ex: Exchange) -> None:
         self.current = ex
-        self.server_state.tasks.add(ex)  # uvicorn cancels these when a graceful shutdown runs out of time
+        self._tasks.add(ex)  # uvicorn cancels these when a graceful shutdown runs out of time
         try:
             coro = self.handler(ex)
         except Exception as exc:
@@ -480,7 +481,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
             ex.run(coro)
 
     def _response_done(self, ex: Exchange) -> None:
-        self.server_state.tasks.discard(ex)
+        self._tasks.discard(ex)
         if ex is not self.current:
             return
         self.current = None
