@@ -189,7 +189,9 @@ class Bench:
 
     # --- 1. throughput ----------------------------------------------------------------------------------
     def throughput(self) -> None:
-        rows = []
+        """Every target in turn, ``--rounds`` times over (so a slow minute of the machine hits all of them, not
+        one); each row is the round with the median req/s, with the spread of the rounds beside it."""
+        runs: dict[tuple[str, str, int], list[LoadResult]] = {}
         bodies = ["small"] if self.args.quick else ["small", "big"]
         conns_list = [32] if self.args.quick else [32, 256]
         targets: list[tuple[str, Any]] = [("direct", None)]
@@ -200,43 +202,60 @@ class Bench:
             targets.append(("haproxy", "haproxy"))
         if not self.args.quick:
             targets.append(("python floor (no features)", "floor"))
-        for label, kind in targets:
-            stop = None
-            if kind is None:
-                port, host = self.upstream_port, "upstream"
-            elif isinstance(kind, int):
-                gw = self.gateway("a", kind)
-                gw.wait_known("bench")
-                port, host, stop = gw.port, "bench.mesh", gw.stop
-            elif kind == "nginx":
-                port = free_port()
-                p = start_nginx(self.tmp / "nginx-proxy", port, self.upstream_port)
-                host, stop = "bench", p.stop
-            elif kind == "haproxy":
-                hport = free_port()
-                p = start_haproxy(self.tmp / "haproxy", hport, self.upstream_port)
-                port, host, stop = hport, "bench", p.stop
-            else:
-                port = free_port()
-                p = Proc("floor", [sys.executable, "-m", "bench.floor", str(port), str(self.upstream_port)],
-                         cores=PROXY_CORES)  # fmt: skip
-                wait_port(port)
-                host, stop = "bench", p.stop
-            for body in bodies:
-                for conns in conns_list:
-                    r = self.load(port, f"/{body}", host, conns)
-                    log(f"{label:<20} {body:<5} c={conns:<4} {r.rps:>9.0f} req/s  p50 {r.p50_ms:.2f} ms  "
-                        f"p99 {r.p99_ms:.2f} ms  errors {r.errors}")  # fmt: skip
-                    rows.append({"target": label, "body": body, "connections": conns, "rps": round(r.rps),
-                                 "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "p999_ms": r.p999_ms, "errors": r.errors})  # fmt: skip
-            if stop:
-                stop()
+        for round_no in range(1, self.args.rounds + 1):
+            for label, kind in targets:
+                self._throughput_target(label, kind, bodies, conns_list, round_no, runs)
+        rows = []
+        for (label, body, conns), results in runs.items():
+            r = sorted(results, key=lambda x: x.rps)[len(results) // 2]
+            rows.append({"target": label, "body": body, "connections": conns, "rps": round(r.rps),
+                         "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "p999_ms": r.p999_ms,
+                         "errors": sum(x.errors for x in results), "rounds_rps": [round(x.rps) for x in results]})  # fmt: skip
         nginx = {(r["body"], r["connections"]): r for r in rows if r["target"] == "nginx"}
         for r in rows:
             ref = nginx.get((r["body"], r["connections"]))
             r["vs_nginx_rps"] = round(r["rps"] / ref["rps"], 2) if ref and ref["rps"] else None
             r["vs_nginx_p99"] = round(r["p99_ms"] / ref["p99_ms"], 2) if ref and ref["p99_ms"] else None
+            # The same ratio round by round (each round's runs are minutes apart at most):
+            r["vs_nginx_rps_rounds"] = (
+                [round(a / b, 2) for a, b in zip(r["rounds_rps"], ref["rounds_rps"], strict=True)]
+                if ref
+                else None
+            )
         self.results["throughput"] = rows
+
+    def _throughput_target(self, label: str, kind: Any, bodies: list[str], conns_list: list[int], round_no: int,
+                           runs: dict[tuple[str, str, int], list[LoadResult]]) -> None:  # fmt: skip
+        """One target: started, loaded with every body and connection count, stopped."""
+        stop = None
+        if kind is None:
+            port, host = self.upstream_port, "upstream"
+        elif isinstance(kind, int):
+            gw = self.gateway("a", kind)
+            gw.wait_known("bench")
+            port, host, stop = gw.port, "bench.mesh", gw.stop
+        elif kind == "nginx":
+            port = free_port()
+            p = start_nginx(self.tmp / "nginx-proxy", port, self.upstream_port)
+            host, stop = "bench", p.stop
+        elif kind == "haproxy":
+            hport = free_port()
+            p = start_haproxy(self.tmp / "haproxy", hport, self.upstream_port)
+            port, host, stop = hport, "bench", p.stop
+        else:
+            port = free_port()
+            p = Proc("floor", [sys.executable, "-m", "bench.floor", str(port), str(self.upstream_port)],
+                     cores=PROXY_CORES)  # fmt: skip
+            wait_port(port)
+            host, stop = "bench", p.stop
+        for body in bodies:
+            for conns in conns_list:
+                r = self.load(port, f"/{body}", host, conns)
+                log(f"round {round_no} {label:<20} {body:<5} c={conns:<4} {r.rps:>9.0f} req/s  "
+                    f"p50 {r.p50_ms:.2f} ms  p99 {r.p99_ms:.2f} ms  errors {r.errors}")  # fmt: skip
+                runs.setdefault((label, body, conns), []).append(r)
+        if stop:
+            stop()
 
     # --- 2. cross-zone ----------------------------------------------------------------------------------
     def cross_zone(self) -> None:
@@ -425,12 +444,13 @@ def markdown(results: dict[str, Any]) -> str:
            f"{results['machine']['python']}; gateway request path: {results['machine']['gateway']}; load: "
            f"{results['tool']}; upstream: {results['upstream']}", ""]  # fmt: skip
     if "throughput" in results:
-        out += ["| target | body | conns | req/s | p50 ms | p99 ms | p99.9 ms | errors | req/s vs nginx | p99 vs nginx |",
-                "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        out += ["| target | body | conns | req/s | p50 ms | p99 ms | p99.9 ms | errors | req/s vs nginx | p99 vs nginx "
+                "| req/s vs nginx by round |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in results["throughput"]:
+            by_round = " / ".join(str(x) for x in r.get("vs_nginx_rps_rounds") or []) or "-"
             out.append(f"| {r['target']} | {r['body']} | {r['connections']} | {r['rps']} | {r['p50_ms']:.2f} | "
                        f"{r['p99_ms']:.2f} | {r['p999_ms']:.2f} | {r['errors']} | {r['vs_nginx_rps'] or '-'} | "
-                       f"{r['vs_nginx_p99'] or '-'} |")  # fmt: skip
+                       f"{r['vs_nginx_p99'] or '-'} | {by_round} |")  # fmt: skip
         out.append("")
     if "cross_zone" in results:
         out += ["| path | req/s | p50 ms | p99 ms |", "|---|---|---|---|"]
@@ -489,6 +509,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="seconds-long smoke run (CI)")
     ap.add_argument("--setup", action="store_true", help="apt-get install nginx-light haproxy wrk first")
     ap.add_argument("--seconds", type=float, default=10.0, help="per load run")
+    ap.add_argument(
+        "--rounds", type=int, help="throughput: every target this many times, in turn (default 3; 1 quick)"
+    )
     ap.add_argument("--gateways", type=int, default=3, help="gateways for the propagation test")
     ap.add_argument("--writes", type=int, default=200)
     ap.add_argument("--scale-instances", type=int, default=10_000)
@@ -502,6 +525,10 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.seconds = min(args.seconds, 1.0)
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.rounds < 1:
+        ap.error("--rounds: at least 1")
     if args.load == "bundled":
         bench_load.FORCE_BUNDLED = True
     elif args.load == "wrk" and not wrk_path():
