@@ -12,6 +12,7 @@ import asyncio
 from typing import Any, Final
 
 _running_loop: Final = asyncio.get_running_loop
+HOLD_MAX: Final = 16 * 1024  # bigger writes are sent at once
 
 
 class WriteBatch:
@@ -48,6 +49,12 @@ class HeldWrites:
         self._data: list[bytes] | None = None
 
     def write(self, data: bytes) -> None:
+        if len(data) > HOLD_MAX:  # (a big write costs more than a wake-up: no reason to hold it)
+            self.flush()
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(data)
+            return
         held = self._data
         if held is None:
             self._data = [data]
