@@ -128,7 +128,7 @@ class _Forwarding(HeadListener):
     __slots__ = (
         "req", "service", "retry", "subset", "path", "target", "headers", "timeout", "idle_timeout", "local_only",
         "hash_key", "mirror_to", "mirror_body", "resp_ops", "tried", "retries_left", "body_started", "last_error",
-        "in_retry", "picked", "app", "ex", "sent_to", "head",
+        "in_retry", "picked", "lines", "framing", "app", "ex", "sent_to", "head",
     )  # fmt: skip
 
     def __init__(self, app: ProxyApp, ex: Exchange, req: _Request, service: str, retry: _Retry) -> None:
@@ -140,7 +140,9 @@ class _Forwarding(HeadListener):
         self.subset: dict[str, str] | None = None
         self.path = b""  # for the upstream, without the query
         self.target = b""
-        self.headers: list[Header] = []
+        self.headers: list[Header] = []  # the client's, and ours unless ...
+        self.lines = b""  # ... they are formatted here
+        self.framing = b""  # the body's Content-Length or chunking, formatted
         self.timeout = 0.0
         self.idle_timeout = 0.0
         self.local_only = False
@@ -392,7 +394,11 @@ class ProxyApp:
         f.subset = subset
         f.path = upstream_path
         f.target = upstream_path + (b"?" + req.query if req.query else b"")
-        f.headers = self._request_headers(req, trusted_hop, route)
+        f.headers, f.lines = self._request_headers(req, trusted_hop, route)
+        if req.body_len > 0:
+            f.framing = b"content-length: %b\r\n" % req.clen  # type: ignore[str-format]
+        elif req.body_len < 0:
+            f.framing = b"transfer-encoding: chunked\r\n"
         f.timeout = spec.timeout if spec is not None and spec.timeout is not None else plan.timeout
         f.idle_timeout = plan.idle_timeout
         f.local_only = req.hopped or not plan.zone_failover
@@ -530,8 +536,11 @@ class ProxyApp:
                    service, [(b"retry-after", retry_after_header(wait))])  # fmt: skip
         return True
 
-    def _request_headers(self, req: _Request, trusted: bool, route: CompiledRoute | None) -> list[Header]:
-        """Outgoing headers: all but hop-by-hop (and what Connection names), plus forwarding headers."""
+    def _request_headers(
+        self, req: _Request, trusted: bool, route: CompiledRoute | None
+    ) -> tuple[list[Header], bytes]:
+        """Outgoing headers: all but hop-by-hop (and what Connection names), plus forwarding headers; those are
+        formatted already (the second item) unless the route rewrites headers (then they are in the list)."""
         skip = _REQUEST_SKIP | req.conn_tokens if req.conn_tokens else _REQUEST_SKIP
         out: list[Header] = []
         via = self.via
@@ -545,24 +554,29 @@ class ProxyApp:
                 continue
             out.append(header)
         ip = req.ex.client_ip_b if req.ex is not None else req.client_ip.encode()
+        fwd_for = req.fwd_for + b", " + ip if req.fwd_for else ip
+        spec = route.spec if route is not None else None
+        rewrite_host = spec.rewrite.host if spec is not None and spec.rewrite is not None else None
+        if spec is None or (spec.request_headers is None and not rewrite_host):
+            if trusted:
+                lines = b"x-request-id: %b\r\nx-forwarded-for: %b\r\nvia: %b\r\n"
+                return out, lines % (req.rid, fwd_for, via)
+            proto = b"https" if req.scheme == "https" else b"http"
+            host = b"x-forwarded-host: %b\r\n" % req.host if req.host else b""
+            lines = b"x-request-id: %b\r\nx-forwarded-for: %b\r\nx-forwarded-proto: %b\r\n%bvia: %b\r\n"
+            return out, lines % (req.rid, fwd_for, proto, host, via)
         out.append((b"x-request-id", req.rid))
-        out.append((b"x-forwarded-for", req.fwd_for + b", " + ip if req.fwd_for else ip))
+        out.append((b"x-forwarded-for", fwd_for))
         if not trusted:
             out.append((b"x-forwarded-proto", b"https" if req.scheme == "https" else b"http"))
             if req.host:
                 out.append((b"x-forwarded-host", req.host))
         out.append((b"via", via))
-        if req.body_len > 0:
-            out.append((b"content-length", req.clen))  # type: ignore[arg-type]
-        elif req.body_len < 0:
-            out.append((b"transfer-encoding", b"chunked"))
-        if route is not None:
-            spec = route.spec
-            if spec.rewrite is not None and spec.rewrite.host:
-                out = [(n, spec.rewrite.host.encode() if n == b"host" else v) for n, v in out]
-            if spec.request_headers is not None:
-                out = _apply_header_ops(out, spec.request_headers)
-        return out
+        if rewrite_host:
+            out = [(n, rewrite_host.encode() if n == b"host" else v) for n, v in out]
+        if spec.request_headers is not None:
+            out = _apply_header_ops(out, spec.request_headers)
+        return out, b""
 
     async def _forward(self, f: _Forwarding, ex: Exchange, pending: _Pending | None) -> None:
         """Try endpoints until one answers or the retry policy says stop; then relay the response.
@@ -577,16 +591,16 @@ class ProxyApp:
             if f.in_retry:
                 self.clusters.active_retries[f.service] -= 1
         if f.mirror_to is not None and f.mirror_body is not None:
-            self._spawn(self._mirror(f.mirror_to, f.req, f.path, f.headers, b"".join(f.mirror_body)))
+            self._spawn(self._mirror(f.mirror_to, f.req, f.path, f.headers, f.lines, b"".join(f.mirror_body)))
 
     def _head(self, f: _Forwarding, ep: Endpoint) -> bytes:
         """The request head for ``ep``; a peer gateway also gets the service (and subset) it is for."""
-        if ep.zone == self.zone:
-            return build_head(f.req.method, f.target, f.headers)
-        extra: list[Header] = [(HOP_HEADER, self.zone_b), (SERVICE_HEADER, f.service.encode())]
-        if f.subset:
-            extra.append((SUBSET_HEADER, _encode_subset(f.subset)))
-        return build_head(f.req.method, f.target, f.headers + extra)
+        lines = f.lines + f.framing
+        if ep.zone != self.zone:
+            lines += b"%b: %b\r\n%b: %b\r\n" % (HOP_HEADER, self.zone_b, SERVICE_HEADER, f.service.encode())
+            if f.subset:
+                lines += b"%b: %b\r\n" % (SUBSET_HEADER, _encode_subset(f.subset))
+        return build_head(f.req.method, f.target, f.headers, lines)
 
     def _may_retry(self, f: _Forwarding, condition: str) -> bool:
         """Whether the retry policy (conditions, attempts left, retry budget) allows another try."""
@@ -890,14 +904,14 @@ class ProxyApp:
         task.add_done_callback(self._background.discard)
 
     async def _mirror(
-        self, service: str, req: _Request, path: bytes, headers: list[Header], body: bytes
+        self, service: str, req: _Request, path: bytes, headers: list[Header], lines: bytes, body: bytes
     ) -> None:
         """Fire-and-forget copy of a request to ``service``; the answer is read and dropped."""
         ep = self.pick(service, [], req.hopped, None)
         if ep is None:
             self.metrics.errors["mirror_no_upstream"] += 1
             return
-        hdrs = [(n, v) for n, v in headers if n not in (b"content-length", b"transfer-encoding")]
+        hdrs = list(headers)  # (without the framing of the original: the copy has its own)
         hdrs.append((b"x-zonemesh-mirror", b"1"))
         if body:
             hdrs.append((b"content-length", str(len(body)).encode()))
@@ -907,7 +921,7 @@ class ProxyApp:
         conn = None
         try:
             conn, _ = await ep.pool.acquire()
-            conn.send_head(build_head(req.method, target, hdrs), req.method == "HEAD")
+            conn.send_head(build_head(req.method, target, hdrs, lines), req.method == "HEAD")
             if body:
                 await conn.write(body)
             await conn.read_head(self.config.request_timeout)

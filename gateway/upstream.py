@@ -529,13 +529,14 @@ class PoolStats:
         self.writes = WriteBatch()
 
 
-def build_head(method: str, target: bytes, headers: Iterable[Header]) -> bytes:
-    """The request line and header block."""
+def build_head(method: str, target: bytes, headers: Iterable[Header], lines: bytes = b"") -> bytes:
+    """The request line and header block: ``headers``, then ``lines`` (formatted already, each ending in CRLF)."""
     parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
     for header in headers:  # (one join of all the parts: the cheapest way to build a head here)
         parts.append(header[0])
         parts.append(b": ")
         parts.append(header[1])
         parts.append(b"\r\n")
+    parts.append(lines)
     parts.append(b"\r\n")
     return b"".join(parts)
