@@ -22,8 +22,8 @@ from gateway.writes import HeldWrites, WriteBatch
 HIGH_WATER: Final = 256 * 1024
 LOW_WATER: Final = 64 * 1024
 _HEAD_TIMEOUT: Final = "no response head within {}s"
-_monotonic: Final = time.monotonic  # (called per request: read once)
 _BODY_TIMEOUT: Final = "upstream body stalled for {}s"
+_monotonic: Final = time.monotonic  # (called per request: read once)
 
 
 class UpstreamError(Exception):

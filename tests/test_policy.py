@@ -18,7 +18,7 @@ from registry.heartbeat import HeartbeatClient
 from registry.keys import Keys
 from registry.model import Instance, new_instance_id
 from tests.conftest import Procs, run_cli, wait_for
-from tests.mesh import GatewayProc, Mesh, start_gateways, wait_until
+from tests.mesh import GatewayProc, Mesh, raw_request, start_gateways, wait_until
 
 GW_FLAGS = ("--hc-interval", "0.2", "--outlier-consecutive", "50", "--lease-ttl", "3")
 
@@ -536,3 +536,53 @@ async def test_plain_etcdctl_yaml_route_is_applied(pm: PolicyMesh) -> None:
     pm.etcd.etcdctl("del", f"{pm.keys.policy}routes/{name}")
     await wait_until(pm.a.config, 5, check=lambda d: name not in d["policy"]["routes"])
     assert (await request(f"{pm.a.url}/", headers={"Host": host}))[0] == 404
+
+
+async def test_upstream_response_hop_headers_are_cut_from_a_head_passed_on_as_it_arrived_or_reformatted(
+    pm: PolicyMesh,
+) -> None:
+    """A head laid out as parsed goes on as its lines (hop-by-hop ones cut out); one with other spacing, or
+    whose Connection names headers, is formatted again. The client sees the same either way."""
+    name = uid("s")
+    heads = {
+        b"/clean": b"HTTP/1.1 200 OK\r\nServer: up\r\nKeep-Alive: timeout=5\r\nConnection: keep-alive\r\n"
+        b"X-Kept: yes\r\nVia: 1.0 up\r\nProxy-Authenticate: Basic\r\nContent-Length: 2\r\n\r\nok",
+        b"/spacing": b"HTTP/1.1 200 OK\r\nServer:up\r\nKeep-Alive: timeout=5\r\nX-Kept:   yes\r\n"
+        b"Via: 1.0 up\r\nContent-Length: 2\r\n\r\nok",
+        b"/named": b"HTTP/1.1 200 OK\r\nServer: up\r\nX-Hop: 1\r\nConnection: keep-alive, X-Hop\r\n"
+        b"X-Kept: yes\r\nVia: 1.0 up\r\nContent-Length: 2\r\n\r\nok",
+    }
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                writer.write(heads[head.split(b" ", 2)[1]])
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    inst = Instance(id=new_instance_id(name), service=name, zone="a", address="127.0.0.1",
+                    port=server.sockets[0].getsockname()[1])  # fmt: skip
+    try:
+        async with HeartbeatClient(inst, pm.settings, ttl=5):
+            await wait_until(lambda: pm.a.knows(name, 1), 5)
+            for path in [
+                *heads,
+                *heads,
+            ]:  # (the second time on a pooled connection: answered from a callback)
+                raw = await raw_request(
+                    pm.a.port,
+                    b"GET %b HTTP/1.1\r\nHost: %b.mesh\r\nConnection: close\r\n\r\n" % (path, name.encode()),
+                )
+                head, _, body = raw.partition(b"\r\n\r\n")
+                lines = head.lower().split(b"\r\n")
+                assert lines[0] == b"http/1.1 200 ok" and body == b"ok", raw
+                fields = [line.split(b":", 1)[0] for line in lines[1:]]
+                assert sorted(fields) == sorted([b"server", b"x-kept", b"via", b"content-length", b"x-request-id",
+                                                 b"x-zonemesh-zone", b"connection"]), (path, raw)  # fmt: skip
+                assert b"via: 1.0 up, 1.1 zonemesh-a" in lines and b"connection: close" in lines
+                assert any(line.startswith(b"x-kept:") and line.endswith(b"yes") for line in lines)
+    finally:
+        server.close()
