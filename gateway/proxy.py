@@ -128,12 +128,11 @@ class _Forwarding(HeadListener):
     __slots__ = (
         "req", "service", "retry", "subset", "path", "target", "headers", "timeout", "idle_timeout", "local_only",
         "hash_key", "mirror_to", "mirror_body", "resp_ops", "tried", "retries_left", "body_started", "last_error",
-        "in_retry", "picked", "lines", "framing", "app", "ex", "sent_to", "head",
+        "in_retry", "picked", "lines", "framing", "app", "sent_to", "head",
     )  # fmt: skip
 
-    def __init__(self, app: ProxyApp, ex: Exchange, req: _Request, service: str, retry: _Retry) -> None:
+    def __init__(self, app: ProxyApp, req: _Request, service: str, retry: _Retry) -> None:
         self.app = app
-        self.ex = ex
         self.req = req
         self.service = service
         self.retry = retry
@@ -386,7 +385,6 @@ class ProxyApp:
         spec = route.spec if route is not None else None
         f = _Forwarding(
             self,
-            ex,
             req,
             service,
             _Retry(spec.retries) if spec is not None and spec.retries is not None else plan.retry,
@@ -413,7 +411,7 @@ class ProxyApp:
                 else:
                     self.metrics.errors["mirror_skipped_body"] += 1
         self.clusters.active_requests[service] += 1  # (with the breaker's check: nothing in between awaits)
-        if not in_task and req.body_len == 0 and f.mirror_to is None and self._send_from_callback(f, ex):
+        if not in_task and req.body_len == 0 and f.mirror_to is None and self._send_from_callback(f):
             return None
         return self._forward(f, ex, None)
 
@@ -427,7 +425,7 @@ class ProxyApp:
             plan = self._plans[service] = _ServicePlan(table.service_policy(service))
         return plan
 
-    def _send_from_callback(self, f: _Forwarding, ex: Exchange) -> bool:
+    def _send_from_callback(self, f: _Forwarding) -> bool:
         """Send the request on an idle connection and answer from the callback of its response head. False
         when that cannot be done here (no endpoint, no idle connection): the async path takes it."""
         ep = self.pick(f.service, f.tried, f.local_only, f.hash_key, f.subset)
@@ -451,8 +449,8 @@ class ProxyApp:
 
     def _on_head(self, f: _Forwarding, conn: Connection) -> None:
         """The response head (or a failure) arrived for a request sent from a callback."""
-        ex, ep, fut = f.ex, f.sent_to, f.head
-        assert ep is not None and fut is not None
+        ex, ep, fut = f.req.ex, f.sent_to, f.head
+        assert ex is not None and ep is not None and fut is not None
         handed_over = False
         try:
             failed = fut.cancelled() or fut.exception() is not None
