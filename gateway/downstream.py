@@ -113,7 +113,7 @@ class Exchange:
             if self._expect_continue:
                 self._expect_continue = False
                 if not self.response_started:
-                    self._proto.send_now(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    self._proto.held.write_now(b"HTTP/1.1 100 Continue\r\n\r\n")
             self._waiter = self._proto.loop.create_future()
             try:
                 await self._waiter
@@ -203,9 +203,9 @@ class Exchange:
             return
         proto = self._proto
         if self._chunked:
-            proto.send_now(b"%x\r\n%b\r\n" % (len(data), data))
+            proto.held.write_now(b"%x\r\n%b\r\n" % (len(data), data))
         else:
-            proto.send_now(data)
+            proto.held.write_now(data)
         if proto.drain is not None:
             await proto.drain
 
@@ -360,11 +360,6 @@ class GatewayHttpProtocol(asyncio.Protocol):
         drain, self.drain = self.drain, None
         if drain is not None and not drain.done():
             drain.set_result(None)
-
-    def send_now(self, data: bytes) -> None:
-        """Write ``data`` now, after what is held (a streamed body: the client's backpressure applies)."""
-        self.held.flush()
-        self.transport.write(data)
 
     def close(self) -> None:
         """Close the connection once what is held is written."""
@@ -562,7 +557,7 @@ class GatewayHttpProtocol(asyncio.Protocol):
             self.current.keep_alive = False
             self.current.disconnected = True  # its handler must not write after our answer
         body = error_body(code, message, None)
-        self.send_now(
+        self.held.write_now(
             b"%bcontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%b"
             % (STATUS_LINE[status], len(body), body)
         )

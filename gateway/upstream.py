@@ -277,8 +277,7 @@ class Connection(asyncio.Protocol):
             raise self._error
         if self.closed or self.transport is None:
             raise UpstreamReset("upstream closed the connection while we were sending the body")
-        self.held.flush()
-        self.transport.write(data)
+        self.held.write_now(data)
         if self._drain is not None and not self._drain.done():
             await self._drain
 

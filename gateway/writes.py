@@ -38,8 +38,9 @@ class WriteBatch:
 
 
 class HeldWrites:
-    """One transport's writes, held for the end of the round (``write``) and kept in order: whatever must
-    follow them (a write that is not held, a close, a hand-over) calls ``flush`` first."""
+    """One transport's writes, held for the end of the round (``write``) and kept in order: a write that must
+    not wait goes through ``write_now``, and whatever else must follow them (a close, a hand-over) calls
+    ``flush`` first."""
 
     __slots__ = ("transport", "_batch", "_data")
 
@@ -50,10 +51,7 @@ class HeldWrites:
 
     def write(self, data: bytes) -> None:
         if len(data) > HOLD_MAX:  # (a big write costs more than a wake-up: no reason to hold it)
-            self.flush()
-            transport = self.transport
-            if transport is not None and not transport.is_closing():
-                transport.write(data)
+            self.write_now(data)
             return
         held = self._data
         if held is None:
@@ -62,11 +60,19 @@ class HeldWrites:
         else:
             held.append(data)
 
+    def write_now(self, data: bytes) -> None:
+        """Send what is held, then ``data``, now (e.g. a streamed body, where backpressure must apply)."""
+        self.flush()
+        self._send(data)
+
     def flush(self) -> None:
         """Send what is held now."""
         held = self._data
         if held is not None:
             self._data = None
-            transport = self.transport
-            if transport is not None and not transport.is_closing():
-                transport.write(held[0] if len(held) == 1 else b"".join(held))
+            self._send(held[0] if len(held) == 1 else b"".join(held))
+
+    def _send(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
